@@ -1,0 +1,260 @@
+"""The record and metadata codecs: the only code that knows the bytes of a shard.
+
+Spec: docs/shard-format.md. A record value is
+
+    fixed header (48 bytes) | sections, each 16-byte aligned | checksum (8 bytes)
+
+and decodes into numpy views of the value buffer (no copy). Decoding untrusted bytes either returns a
+`Record` or raises `CorruptRecordError`; nothing here unpickles or executes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from .errors import CorruptRecordError, ShardError
+
+MAGIC = b"RBRC"
+RECORD_VERSION = 1
+SCHEMA_VERSION = 1
+FORMAT_NAME = "regionbert-shard"
+MAX_KEY_BYTES = 511  # LMDB's default compile-time limit
+
+# magic, version, header_size, width, height, N, D, C, A, feature dtype, flags, reserved, extra_len, reserved
+_HEADER = struct.Struct("<4sHHIIIIIIBBHIQ")
+HEADER_SIZE = _HEADER.size  # 48
+CHECKSUM_SIZE = 8
+ALIGN = 16
+
+FEATURE_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
+FEATURE_DTYPE_CODES = {"float16": 1, "float32": 2}
+_F4 = np.dtype("<f4")
+_F2 = np.dtype("<f2")
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One image's regions. Arrays are read-only views of the stored bytes unless copied."""
+
+    id: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2 in original-image pixels
+    features: np.ndarray  # (N, D) float16 or float32, region features
+    class_probs: np.ndarray | None  # (N, C) float16, detector distribution, background at 0
+    loc5: np.ndarray  # (N, 5) float32 [x1/W, y1/H, x2/W, y2/H, w*h/(W*H)]
+    loc7: np.ndarray  # (N, 7) float32 [x1/W, y1/H, x2/W, y2/H, w/W, h/H, (w/W)*(h/H)]
+    attr_probs: np.ndarray | None = None  # (N, A) float16
+    extra: dict | None = None  # small per-record JSON object (source file, row, ...)
+
+    @property
+    def num_boxes(self) -> int:
+        return self.boxes.shape[0]
+
+    def copy(self) -> Record:
+        """A record whose arrays own writable memory (safe to keep after the reader is gone)."""
+        c = lambda a: None if a is None else np.array(a)  # noqa: E731
+        return Record(self.id, self.width, self.height, c(self.boxes), c(self.features),
+                      c(self.class_probs), c(self.loc5), c(self.loc7), c(self.attr_probs),
+                      None if self.extra is None else dict(self.extra))
+
+
+def encode_key(image_id: str) -> bytes:
+    if not isinstance(image_id, str) or not image_id:
+        raise ShardError(f"image id must be a non-empty str, got {image_id!r}")
+    key = image_id.encode("utf-8")
+    if len(key) > MAX_KEY_BYTES:
+        raise ShardError(
+            f"image id {image_id[:60]!r}... is {len(key)} bytes in UTF-8; LMDB keys hold at most "
+            f"{MAX_KEY_BYTES}. Shorten the ids (e.g. relative paths, or a hash of the path)."
+        )
+    return key
+
+
+def location_vectors(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) xyxy pixel boxes -> 5-dim and 7-dim location vectors (float32), computed in float64."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x1, y1, x2, y2 = (b[:, i] / s for i, s in enumerate((width, height, width, height)))
+    w, h = x2 - x1, y2 - y1
+    loc5 = np.stack([x1, y1, x2, y2, w * h], axis=1)
+    loc7 = np.stack([x1, y1, x2, y2, w, h, w * h], axis=1)
+    return loc5.astype(_F4), loc7.astype(_F4)
+
+
+def record_checksum(key: bytes, body) -> int:
+    """XXH3-64 of the body, seeded with XXH3-64 of the key: a value under the wrong key fails."""
+    return xxhash.xxh3_64_intdigest(body, seed=xxhash.xxh3_64_intdigest(key))
+
+
+def _sections(n: int, d: int, c: int, a: int, fcode: int, extra_len: int):
+    """Yield (name, offset, dtype, shape, nbytes) of each section; the last item is ('end', offset)."""
+    off = HEADER_SIZE
+    fdt = FEATURE_DTYPES[fcode]
+    layout = [("boxes", _F4, (n, 4)), ("loc5", _F4, (n, 5)), ("loc7", _F4, (n, 7)), ("features", fdt, (n, d))]
+    if c:
+        layout.append(("class_probs", _F2, (n, c)))
+    if a:
+        layout.append(("attr_probs", _F2, (n, a)))
+    out = []
+    for name, dt, shape in layout:
+        nbytes = shape[0] * shape[1] * dt.itemsize
+        out.append((name, off, dt, shape, nbytes))
+        off = _align(off + nbytes)
+    if extra_len:
+        out.append(("extra", off, None, None, extra_len))
+        off = _align(off + extra_len)
+    return out, off
+
+
+def encode_record(
+    key: bytes,
+    width: int,
+    height: int,
+    boxes: np.ndarray,
+    features: np.ndarray,
+    class_probs: np.ndarray | None,
+    attr_probs: np.ndarray | None = None,
+    extra: dict | None = None,
+    feature_dtype: str = "float16",
+) -> bytes:
+    """Arrays must already be validated (see writer.validate_record). Returns the stored value."""
+    fcode = FEATURE_DTYPE_CODES[feature_dtype]
+    n, d = features.shape
+    c = 0 if class_probs is None else class_probs.shape[1]
+    a = 0 if attr_probs is None else attr_probs.shape[1]
+    extra_bytes = b"" if not extra else json.dumps(extra, separators=(",", ":"), sort_keys=True).encode()
+    loc5, loc7 = location_vectors(boxes, width, height)
+    arrays = {
+        "boxes": boxes, "loc5": loc5, "loc7": loc7, "features": features,
+        "class_probs": class_probs, "attr_probs": attr_probs,
+    }
+    sections, end = _sections(n, d, c, a, fcode, len(extra_bytes))
+    buf = bytearray(end + CHECKSUM_SIZE)
+    _HEADER.pack_into(buf, 0, MAGIC, RECORD_VERSION, HEADER_SIZE, width, height, n, d, c, a, fcode, 0, 0,
+                      len(extra_bytes), 0)
+    for name, off, dt, shape, nbytes in sections:
+        if name == "extra":
+            buf[off:off + nbytes] = extra_bytes
+        else:
+            buf[off:off + nbytes] = np.ascontiguousarray(arrays[name], dtype=dt).reshape(shape).tobytes()
+    struct.pack_into("<Q", buf, end, record_checksum(key, memoryview(buf)[:end]))
+    return bytes(buf)
+
+
+def decode_record(key: bytes, value, verify: bool = True, image_id: str | None = None) -> Record:
+    """Bytes (or a buffer such as an LMDB memoryview) -> Record of zero-copy views.
+
+    Raises CorruptRecordError for anything that is not a well-formed record, whatever the bytes."""
+    name = image_id if image_id is not None else key.decode("utf-8", "replace")
+    mv = memoryview(value)
+    size = mv.nbytes
+    if size < HEADER_SIZE + CHECKSUM_SIZE:
+        raise CorruptRecordError(name, f"record is {size} bytes, shorter than the {HEADER_SIZE}-byte header")
+    (magic, version, header_size, width, height, n, d, c, a, fcode, _flags, _r0, extra_len,
+     _r1) = _HEADER.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise CorruptRecordError(name, f"bad magic {magic!r} (expected {MAGIC!r}); not a regionbert record")
+    if version != RECORD_VERSION or header_size != HEADER_SIZE:
+        raise CorruptRecordError(
+            name, f"record version {version} / header size {header_size}: this reader knows version "
+            f"{RECORD_VERSION} with a {HEADER_SIZE}-byte header; upgrade regionbert")
+    if fcode not in FEATURE_DTYPES:
+        raise CorruptRecordError(name, f"unknown feature dtype code {fcode}")
+    if width == 0 or height == 0:
+        raise CorruptRecordError(name, f"image size {width}x{height} is empty")
+    sections, end = _sections(n, d, c, a, fcode, extra_len)
+    if end + CHECKSUM_SIZE != size:
+        raise CorruptRecordError(
+            name, f"record is {size} bytes but its header (N={n}, D={d}, C={c}, A={a}) implies "
+            f"{end + CHECKSUM_SIZE}; truncated or corrupt")
+    if verify:
+        (stored,) = struct.unpack_from("<Q", mv, end)
+        actual = record_checksum(key, mv[:end])
+        if stored != actual:
+            raise CorruptRecordError(name, f"checksum mismatch (stored {stored:016x}, computed {actual:016x})")
+    out = {"class_probs": None, "attr_probs": None, "extra": None}
+    for sec, off, dt, shape, nbytes in sections:
+        if sec == "extra":
+            try:
+                extra = json.loads(bytes(mv[off:off + nbytes]).decode("utf-8"))
+            except (ValueError, RecursionError) as e:
+                raise CorruptRecordError(name, f"extra field is not valid UTF-8 JSON: {e}") from None
+            if not isinstance(extra, dict):
+                raise CorruptRecordError(name, "extra field is not a JSON object")
+            out["extra"] = extra
+        else:
+            out[sec] = np.frombuffer(mv, dtype=dt, count=shape[0] * shape[1], offset=off).reshape(shape)
+    return Record(name, width, height, out["boxes"], out["features"], out["class_probs"], out["loc5"],
+                  out["loc7"], out["attr_probs"], out["extra"])
+
+
+def stored_checksum(value) -> int:
+    """The checksum a value carries (its last 8 bytes), without decoding it."""
+    mv = memoryview(value)
+    if mv.nbytes < CHECKSUM_SIZE:
+        raise CorruptRecordError("?", "record shorter than its checksum")
+    return struct.unpack_from("<Q", mv, mv.nbytes - CHECKSUM_SIZE)[0]
+
+
+def peek_num_boxes(value) -> int:
+    """N from a record's header without decoding it (-1 if the header is unreadable)."""
+    mv = memoryview(value)
+    if mv.nbytes < HEADER_SIZE or bytes(mv[:4]) != MAGIC:
+        return -1
+    return _HEADER.unpack_from(mv, 0)[5]
+
+
+# ---- shard metadata: one JSON object under meta/b"shard" -------------------------------------------
+
+
+def make_meta(feature_dim: int, feature_dtype: str, class_names, attribute_names, extractor: dict,
+              created: str) -> dict:
+    return {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "feature_dim": int(feature_dim),
+        "feature_dtype": feature_dtype,
+        "class_names": None if class_names is None else [str(x) for x in class_names],
+        "attribute_names": None if attribute_names is None else [str(x) for x in attribute_names],
+        "box_format": "xyxy_pixels",
+        "extractor": dict(extractor or {}),
+        "created": created,
+    }
+
+
+def encode_json(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def decode_meta(path: str, raw) -> dict:
+    """Parse and check the shard metadata; raises ShardError naming the shard."""
+    if raw is None:
+        raise ShardError(f"{path}: no shard metadata; not a regionbert shard (or written by a crashed "
+                         "writer before its first commit)")
+    try:
+        meta = json.loads(bytes(raw).decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ShardError(f"{path}: shard metadata is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ShardError(f"{path}: metadata does not describe a {FORMAT_NAME}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema version {meta.get('schema_version')!r}; this regionbert reads "
+                         f"version {SCHEMA_VERSION}")
+    if not isinstance(meta.get("feature_dim"), int) or meta["feature_dim"] <= 0:
+        raise ShardError(f"{path}: bad feature_dim {meta.get('feature_dim')!r}")
+    if meta.get("feature_dtype") not in FEATURE_DTYPE_CODES:
+        raise ShardError(f"{path}: bad feature_dtype {meta.get('feature_dtype')!r}")
+    for k in ("class_names", "attribute_names"):
+        v = meta.get(k)
+        if v is not None and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+            raise ShardError(f"{path}: {k} must be a list of strings or null")
+    return meta

@@ -1,0 +1,273 @@
+"""ShardWriter: append records to a shard in batched, crash-safe commits; resume by skipping ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from datetime import datetime, timezone
+
+import lmdb
+import numpy as np
+
+from .errors import ShardError, ShardMismatchError
+from .format import (
+    FEATURE_DTYPE_CODES,
+    decode_meta,
+    encode_json,
+    encode_key,
+    encode_record,
+    make_meta,
+)
+
+DB_RECORDS, DB_ORDER, DB_META = b"records", b"order", b"meta"
+META_SHARD, META_STATE = b"shard", b"state"
+PROB_SUM_TOLERANCE = 0.02  # float16 rounding over ~1600 classes stays well inside this
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def order_key(index: int) -> bytes:
+    return struct.pack(">Q", index)  # big-endian: LMDB's byte order is the insertion order
+
+
+def comparable_settings(meta: dict) -> dict:
+    """What must agree between shards that are read or indexed together (extractor 'job' excluded)."""
+    extractor = {k: v for k, v in (meta.get("extractor") or {}).items() if k != "job"}
+    keys = ("schema_version", "feature_dim", "feature_dtype", "class_names", "attribute_names")
+    return {**{k: meta.get(k) for k in keys}, "extractor": extractor}
+
+
+def settings_diff(a: dict, b: dict) -> list[str]:
+    a, b = comparable_settings(a), comparable_settings(b)
+    out = [k for k in a if k != "extractor" and a[k] != b[k]]
+    ea, eb = a["extractor"], b["extractor"]
+    out += [f"extractor.{k}" for k in sorted(set(ea) | set(eb)) if ea.get(k) != eb.get(k)]
+    return out
+
+
+class ShardWriter:
+    """Write one shard (an LMDB folder). Use as a context manager.
+
+        with ShardWriter("out/shard-000", feature_dim=1024, class_names=names, extractor=info) as w:
+            for image_id, ... in work:
+                if image_id in w:          # committed by an earlier, interrupted run
+                    continue
+                w.add(image_id, width=W, height=H, boxes=b, features=f, class_probs=p)
+
+    Records are committed every `commit_every` records or `commit_bytes` bytes, whichever comes first;
+    a kill -9 at any moment leaves a valid shard holding every committed record. Opening an existing
+    shard resumes it: its settings must match, and ids already stored are skipped by `add`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        feature_dim: int,
+        class_names: list[str] | None,
+        feature_dtype: str = "float16",
+        attribute_names: list[str] | None = None,
+        extractor: dict | None = None,
+        commit_every: int = 256,
+        commit_bytes: int = 256 << 20,
+        map_size: int = 1 << 30,
+    ):
+        if feature_dtype not in FEATURE_DTYPE_CODES:
+            raise ShardError(f"feature_dtype must be one of {sorted(FEATURE_DTYPE_CODES)}, got {feature_dtype!r}")
+        if class_names is not None and len(class_names) < 2:
+            raise ShardError("class_names must list every class, background included (at least 2)")
+        self.path = os.fspath(path)
+        self.commit_every, self.commit_bytes = commit_every, commit_bytes
+        os.makedirs(self.path, exist_ok=True)
+        try:
+            self._env = lmdb.open(self.path, subdir=True, map_size=map_size, max_dbs=3, meminit=False)
+        except lmdb.Error as e:
+            raise ShardError(f"{self.path}: cannot open for writing: {e}") from None
+        self._records = self._env.open_db(DB_RECORDS)
+        self._order = self._env.open_db(DB_ORDER)
+        self._meta_db = self._env.open_db(DB_META)
+        wanted = make_meta(feature_dim, feature_dtype, class_names, attribute_names, extractor or {}, now_iso())
+        with self._env.begin() as txn:
+            raw = txn.get(META_SHARD, db=self._meta_db)
+        if raw is not None:  # resume: the shard's settings win, and must match ours
+            self.meta = decode_meta(self.path, raw)
+            diff = settings_diff(self.meta, wanted)
+            if diff:
+                self._env.close()
+                raise ShardMismatchError(
+                    f"{self.path}: existing shard differs in {', '.join(diff)}; write to a new shard "
+                    "(or delete this one) instead of mixing settings")
+        else:
+            self.meta = wanted
+        with self._env.begin() as txn:
+            self.count = txn.stat(self._order)["entries"]
+        self._pending: list[tuple[bytes, bytes]] = []
+        self._pending_keys: set[bytes] = set()
+        self._pending_bytes = 0
+        self.added = self.skipped = 0
+        self._closed = False
+        self._write_state(complete=False, meta=self.meta)
+
+    # -- queries ------------------------------------------------------------------------------------
+
+    def __contains__(self, image_id: str) -> bool:
+        key = encode_key(image_id)
+        if key in self._pending_keys:
+            return True
+        with self._env.begin() as txn:
+            return txn.get(key, db=self._records) is not None
+
+    def __len__(self) -> int:
+        return self.count + len(self._pending)
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def add(
+        self,
+        image_id: str,
+        *,
+        width: int,
+        height: int,
+        boxes,
+        features,
+        class_probs=None,
+        attr_probs=None,
+        extra: dict | None = None,
+    ) -> bool:
+        """Validate, encode and queue one record. Returns False (and writes nothing) if the id is
+        already in the shard."""
+        if self._closed:
+            raise ShardError(f"{self.path}: writer is closed")
+        key = encode_key(image_id)
+        if image_id in self:
+            self.skipped += 1
+            return False
+        arrays = self._validate(image_id, width, height, boxes, features, class_probs, attr_probs, extra)
+        value = encode_record(key, int(width), int(height), *arrays, extra=extra,
+                              feature_dtype=self.meta["feature_dtype"])
+        self._pending.append((key, value))
+        self._pending_keys.add(key)
+        self._pending_bytes += len(value)
+        self.added += 1
+        if len(self._pending) >= self.commit_every or self._pending_bytes >= self.commit_bytes:
+            self.commit()
+        return True
+
+    def commit(self) -> None:
+        """Write the queued records in one transaction, growing the map as needed."""
+        if not self._pending:
+            return
+        state = encode_json({"count": self.count + len(self._pending), "complete": False, "updated": now_iso()})
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for i, (key, value) in enumerate(self._pending):
+                        txn.put(key, value, db=self._records)
+                        txn.put(order_key(self.count + i), key, db=self._order)
+                    txn.put(META_STATE, state, db=self._meta_db)
+                break
+            except lmdb.MapFullError:
+                self._grow()
+        self.count += len(self._pending)
+        self._pending.clear()
+        self._pending_keys.clear()
+        self._pending_bytes = 0
+
+    def close(self, complete: bool = True) -> None:
+        """Commit what is queued; mark the shard complete (a finished job) unless told otherwise."""
+        if self._closed:
+            return
+        try:
+            self.commit()
+            self._write_state(complete=complete)
+            self._env.sync(True)
+        finally:
+            self._closed = True
+            self._env.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # On an error, keep every record that was accepted, but don't call the shard complete.
+        self.close(complete=exc_type is None)
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _write_state(self, complete: bool, meta: dict | None = None) -> None:
+        state = encode_json({"count": self.count, "complete": complete, "updated": now_iso()})
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    if meta is not None:
+                        txn.put(META_SHARD, encode_json(meta), db=self._meta_db)
+                    txn.put(META_STATE, state, db=self._meta_db)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _grow(self) -> None:
+        self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def _fail(self, image_id: str, msg: str, mismatch: bool = False):
+        cls = ShardMismatchError if mismatch else ShardError
+        return cls(f"{self.path}: record {image_id!r}: {msg}")
+
+    def _validate(self, image_id, width, height, boxes, features, class_probs, attr_probs, extra):
+        meta = self.meta
+        if not (isinstance(width, (int, np.integer)) and isinstance(height, (int, np.integer))):
+            raise self._fail(image_id, f"width and height must be integers, got {width!r} x {height!r}")
+        if not (0 < width < 2**32 and 0 < height < 2**32):
+            raise self._fail(image_id, f"image size {width}x{height} must be positive")
+        boxes = np.asarray(boxes, dtype=np.float32)
+        features = np.asarray(features)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise self._fail(image_id, f"boxes must be (N, 4) xyxy, got shape {boxes.shape}")
+        n = boxes.shape[0]
+        if features.ndim != 2 or features.shape[0] != n:
+            raise self._fail(image_id, f"features must be (N={n}, D), got shape {features.shape}")
+        if features.shape[1] != meta["feature_dim"]:
+            raise self._fail(image_id, f"feature dim {features.shape[1]} != shard's {meta['feature_dim']}",
+                             mismatch=True)
+        if not np.isfinite(boxes).all():
+            raise self._fail(image_id, "boxes contain NaN or inf")
+        x1, y1, x2, y2 = boxes.T
+        eps = 1e-3
+        if (x1 > x2).any() or (y1 > y2).any():
+            raise self._fail(image_id, "boxes must be x1 <= x2 and y1 <= y2 (xyxy, not xywh?)")
+        if (x1 < -eps).any() or (y1 < -eps).any() or (x2 > width + eps).any() or (y2 > height + eps).any():
+            raise self._fail(image_id, f"boxes fall outside the {width}x{height} image")
+        features = features.astype(np.dtype(meta["feature_dtype"]), copy=False)
+        if not np.isfinite(features).all():
+            raise self._fail(image_id, f"features contain NaN or inf (as {meta['feature_dtype']})")
+        class_probs = self._probs(image_id, "class_probs", class_probs, meta["class_names"], n)
+        attr_probs = self._probs(image_id, "attr_probs", attr_probs, meta["attribute_names"], n)
+        if extra is not None:
+            try:
+                json.dumps(extra)
+            except (TypeError, ValueError) as e:
+                raise self._fail(image_id, f"extra must be JSON-serialisable: {e}") from None
+            if not isinstance(extra, dict):
+                raise self._fail(image_id, "extra must be a dict")
+        return boxes, features, class_probs, attr_probs
+
+    def _probs(self, image_id, what, probs, names, n):
+        if names is None:
+            if probs is not None:
+                raise self._fail(image_id, f"{what} given, but the shard declares no names for them",
+                                 mismatch=True)
+            return None
+        if probs is None:
+            raise self._fail(image_id, f"{what} missing; the shard declares {len(names)} classes")
+        probs = np.asarray(probs, dtype=np.float32)
+        if probs.shape != (n, len(names)):
+            raise self._fail(image_id, f"{what} shape {probs.shape} != (N={n}, {len(names)})", mismatch=True)
+        if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1 + 1e-3).any():
+            raise self._fail(image_id, f"{what} must be probabilities in [0, 1]")
+        if what == "class_probs" and n and np.abs(probs.sum(1) - 1).max() > PROB_SUM_TOLERANCE:
+            raise self._fail(image_id, "class_probs rows must sum to 1 (the full distribution, background "
+                             "included)")
+        return probs.astype(np.float16)
