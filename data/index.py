@@ -188,12 +188,11 @@ def load_index(path: str) -> dict:
     if index.get("version") != INDEX_VERSION:
         raise ShardError(f"{path}: index version {index.get('version')!r}, this regionbert reads {INDEX_VERSION}")
     base = os.path.dirname(os.path.abspath(path))
-    i = 0
-    try:
-        for i, s in enumerate(index["shards"]):
-            if not isinstance(s["path"], str) or not isinstance(s["count"], int):
-                raise TypeError
-            s["path"] = os.path.normpath(os.path.join(base, s["path"]))
-    except (KeyError, TypeError):
-        raise ShardError(f"{path}: shard entry {i} needs a string 'path' and an integer 'count'") from None
+    shards = index.get("shards")
+    if not isinstance(shards, list):
+        raise ShardError(f"{path}: index has no list of shards")
+    for i, s in enumerate(shards):
+        if not (isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("count"), int)):
+            raise ShardError(f"{path}: shard entry {i} needs a string 'path' and an integer 'count'")
+        s["path"] = os.path.normpath(os.path.join(base, s["path"]))
     return index

@@ -219,7 +219,7 @@ class ShardSet(Sequence):
         self.shards = [ShardReader(p, verify=verify, copy=copy) for p in paths]
         actual = [len(s) for s in self.shards]
         if counts is not None and counts != actual:
-            bad = [s.path for s, a, b in zip(self.shards, actual, counts) if a != b]
+            bad = [s.path for s, a, b in zip(self.shards, actual, counts, strict=True) if a != b]
             raise ShardError(f"shards changed since they were indexed (record counts differ): {bad}")
         if check_settings:
             first = self.shards[0]
