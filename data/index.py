@@ -48,9 +48,9 @@ def content_hash(path: str) -> str:
 
     It ignores LMDB's page layout, so a compacting copy keeps it. It trusts the stored checksums;
     `verify` recomputes them."""
-    h = _handle(os.path.abspath(path))
+    h = _handle(os.path.abspath(path), refresh=True)
     hasher = _hasher(h.meta)
-    with h.env.begin(buffers=True) as txn:
+    with h.begin() as txn:
         for _, key in txn.cursor(db=h.order):
             key = bytes(key)
             value = txn.get(key, db=h.records)
@@ -65,7 +65,7 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
     path = os.path.abspath(path)
     report = VerifyReport(path)
     try:
-        h = _handle(path)
+        h = _handle(path, refresh=True)
     except ShardError as e:
         report.problems.append(str(e))
         return report
@@ -73,7 +73,7 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
     hasher = _hasher(h.meta)
     meta = h.meta
     c = 0 if meta["class_names"] is None else len(meta["class_names"])
-    with h.env.begin(buffers=True) as txn:
+    with h.begin() as txn:
         n_records = txn.stat(h.records)["entries"]
         if n_records != h.count:
             report.problems.append(f"{n_records} records but {h.count} entries in the order table")
@@ -108,9 +108,9 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
 def summarize(path: str) -> dict:
     """What `inspect` shows: settings, counts and a histogram of boxes per image."""
     reader = ShardReader(path)
-    h = _handle(reader.path)
+    h = reader._handle()
     boxes = Counter()
-    with h.env.begin(buffers=True) as txn:
+    with h.begin() as txn:
         for _, value in txn.cursor(db=h.records):
             boxes[peek_num_boxes(value)] += 1
     meta = reader.meta
@@ -138,7 +138,7 @@ def build_index(sources, out_path: str, force: bool = False, progress=None) -> d
     entries, first = [], None
     for p in paths:
         p = os.path.abspath(p)
-        h = _handle(p)
+        h = _handle(p, refresh=True)
         if first is None:
             first = h.meta
         diff = settings_diff(first, h.meta)

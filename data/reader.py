@@ -23,33 +23,28 @@ from .writer import DB_META, DB_ORDER, DB_RECORDS, META_SHARD, META_STATE, order
 
 
 class _Handle:
-    """One process's open environment on one shard, with a read transaction per thread."""
+    """One process's open environment on one shard, with a read transaction per thread.
+
+    The environment is never closed (py-lmdb allows one per file per process, and closing it would
+    unmap memory that handed-out views still point into); `reload` moves it to the newest snapshot."""
 
     def __init__(self, path: str):
         if not os.path.isfile(os.path.join(path, "data.mdb")):
             raise ShardError(f"{path}: not a shard (no data.mdb in this folder)")
+        self.path = path
         try:
-            # Probe for state with locking on (safe while a writer is active), then reopen without
-            # locks only if the shard is complete, i.e. immutable: lock-free reads, read-only media.
-            env = self._open(path, lock=True)
+            # Probe with locking on (safe while a writer is active); a complete shard is immutable, so
+            # reopen it without locks: no reader-table slots, and read-only media work.
+            self.env = self._open(path, lock=True)
         except lmdb.Error:
-            env = self._open(path, lock=False)
-        self.records, self.order, meta_db = (env.open_db(n, create=False) for n in (DB_RECORDS, DB_ORDER, DB_META))
-        with env.begin(buffers=False) as txn:
-            self.meta = decode_meta(path, txn.get(META_SHARD, db=meta_db))
-            state = txn.get(META_STATE, db=meta_db)
-            self.count = txn.stat(self.order)["entries"]
-        try:
-            self.state = json.loads(state) if state else {}
-        except ValueError:
-            raise ShardError(f"{path}: shard state is not valid JSON") from None
-        self.complete = bool(self.state.get("complete"))
-        if self.complete and env.flags()["lock"]:
-            env.close()
-            env = self._open(path, lock=False)
-            self.records, self.order = (env.open_db(n, create=False) for n in (DB_RECORDS, DB_ORDER))
-        self.env = env
+            self.env = self._open(path, lock=False)
+        self.gen = 0
         self._local = threading.local()
+        self.reload()
+        if self.complete and self.env.flags()["lock"]:
+            self.env.close()
+            self.env = self._open(path, lock=False)
+            self.reload()
 
     @staticmethod
     def _open(path: str, lock: bool):
@@ -61,18 +56,56 @@ class _Handle:
                 raise ShardError(f"{path}: cannot open shard: {e}") from None
             raise
 
+    def reload(self) -> None:
+        """Re-read metadata and counts, and start new read transactions (the file has changed)."""
+        self.signature = _signature(self.path)
+        self.gen += 1
+        try:
+            self.records, self.order, meta_db = (self.env.open_db(n, create=False)
+                                                 for n in (DB_RECORDS, DB_ORDER, DB_META))
+        except lmdb.Error:
+            raise ShardError(f"{self.path}: not a regionbert shard (no records/order/meta tables)") from None
+        with self.begin(buffers=False) as txn:
+            self.meta = decode_meta(self.path, txn.get(META_SHARD, db=meta_db))
+            state = txn.get(META_STATE, db=meta_db)
+            self.count = txn.stat(self.order)["entries"]
+        try:
+            self.state = json.loads(state) if state else {}
+        except ValueError:
+            raise ShardError(f"{self.path}: shard state is not valid JSON") from None
+        self.complete = bool(self.state.get("complete"))
+
+    def begin(self, buffers: bool = True):
+        try:
+            return self.env.begin(buffers=buffers)
+        except lmdb.MapResizedError:  # a writer grew the map since we opened it
+            self.env.set_mapsize(0)
+            return self.env.begin(buffers=buffers)
+
     def txn(self):
-        t = getattr(self._local, "txn", None)
-        if t is None:  # long-lived: the snapshot (and the views handed out) stay valid
-            t = self._local.txn = self.env.begin(buffers=True)
-        return t
+        """This thread's long-lived read transaction: views it hands out stay valid."""
+        local = self._local
+        if getattr(local, "gen", None) != self.gen:
+            if getattr(local, "txn", None) is not None:
+                local.txn.abort()
+            local.txn, local.gen = self.begin(), self.gen
+        return local.txn
 
 
 _HANDLES: dict[tuple[str, int], _Handle] = {}
 _HANDLES_LOCK = threading.Lock()
 
 
-def _handle(path: str) -> _Handle:
+def _signature(path: str) -> tuple:
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except OSError:
+        return ()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _handle(path: str, refresh: bool = False) -> _Handle:
+    """This process's handle on a shard. refresh: catch up if the file changed since it was read."""
     key = (path, os.getpid())
     h = _HANDLES.get(key)
     if h is None:
@@ -80,7 +113,15 @@ def _handle(path: str) -> _Handle:
             h = _HANDLES.get(key)
             if h is None:
                 h = _HANDLES[key] = _Handle(path)
+    elif refresh and h.signature != _signature(path):
+        with _HANDLES_LOCK:
+            h.reload()
     return h
+
+
+def open_for_reading_here(path: str) -> bool:
+    """Whether this process holds a read handle on the shard (LMDB allows one open per process)."""
+    return (os.path.abspath(path), os.getpid()) in _HANDLES
 
 
 class ShardReader(Sequence):
@@ -93,7 +134,8 @@ class ShardReader(Sequence):
     def __init__(self, path: str | os.PathLike, verify: bool = True, copy: bool = False):
         self.path = os.path.abspath(os.fspath(path))
         self.verify, self.copy = verify, copy
-        h = _handle(self.path)  # fail early on a bad path; children reopen lazily
+        h = self._h = _handle(self.path, refresh=True)  # fail early on a bad path
+        self._pid = os.getpid()
         if not h.complete:
             warnings.warn(f"{self.path}: shard is incomplete (its writer did not finish); reading the "
                           f"{h.count} committed records", stacklevel=2)
@@ -102,21 +144,26 @@ class ShardReader(Sequence):
         return {"path": self.path, "verify": self.verify, "copy": self.copy}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update(state, _h=None, _pid=None)  # reopened lazily in this process
+
+    def _handle(self) -> _Handle:
+        if self._pid != os.getpid():  # first use after unpickling or fork
+            self._h, self._pid = _handle(self.path), os.getpid()
+        return self._h
 
     @property
     def meta(self) -> dict:
-        return _handle(self.path).meta
+        return self._handle().meta
 
     @property
     def state(self) -> dict:
-        return _handle(self.path).state
+        return self._handle().state
 
     def __len__(self) -> int:
-        return _handle(self.path).count
+        return self._handle().count
 
     def key_at(self, index: int) -> bytes:
-        h = _handle(self.path)
+        h = self._handle()
         if index < 0:
             index += h.count
         if not 0 <= index < h.count:
@@ -135,23 +182,23 @@ class ShardReader(Sequence):
         return self._read(encode_key(image_id))
 
     def __contains__(self, image_id) -> bool:
-        h = _handle(self.path)
+        h = self._handle()
         return isinstance(image_id, str) and h.txn().get(encode_key(image_id), db=h.records) is not None
 
     def keys(self) -> Iterator[str]:
         """Image ids in insertion order."""
-        h = _handle(self.path)
-        with h.env.begin(buffers=False) as txn:
+        h = self._handle()
+        with h.begin(buffers=False) as txn:
             for _, key in txn.cursor(db=h.order):
                 yield key.decode("utf-8")
 
     def raw(self, key: bytes):
         """The stored bytes of one record (a memoryview of the map), or None."""
-        h = _handle(self.path)
+        h = self._handle()
         return h.txn().get(key, db=h.records)
 
     def _read(self, key: bytes) -> Record:
-        h = _handle(self.path)
+        h = self._handle()
         value = h.txn().get(key, db=h.records)
         if value is None:
             raise KeyError(f"{self.path}: no record {key.decode('utf-8', 'replace')!r}")

@@ -81,6 +81,11 @@ class ShardWriter:
             raise ShardError("class_names must list every class, background included (at least 2)")
         self.path = os.fspath(path)
         self.commit_every, self.commit_bytes = commit_every, commit_bytes
+        from .reader import open_for_reading_here
+
+        if open_for_reading_here(self.path):
+            raise ShardError(f"{self.path}: this process is reading the shard; write it from another process "
+                             "(LMDB allows one open environment per file per process)")
         os.makedirs(self.path, exist_ok=True)
         try:
             self._env = lmdb.open(self.path, subdir=True, map_size=map_size, max_dbs=3, meminit=False)

@@ -1,0 +1,21 @@
+"""Helpers shared by the tests."""
+
+import numpy as np
+from regionbert.data.synth import COCO_CLASSES
+
+NUM_CLASSES = len(COCO_CLASSES)
+
+
+def random_record(rng, n=7, dim=32, num_classes=NUM_CLASSES, width=640, height=480, attrs=0):
+    """Writer arguments for one record with arbitrary (valid) content."""
+    x1, y1 = rng.uniform(0, width - 1, n), rng.uniform(0, height - 1, n)
+    x2, y2 = rng.uniform(x1, width), rng.uniform(y1, height)
+    logits = rng.standard_normal((n, num_classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    out = dict(width=width, height=height, boxes=np.stack([x1, y1, x2, y2], 1),
+               features=rng.standard_normal((n, dim)).astype(np.float32), class_probs=probs)
+    if attrs:
+        out["attr_probs"] = rng.uniform(0, 1, (n, attrs))
+    return out
+
+
