@@ -50,10 +50,10 @@ def content_hash(path: str) -> str:
     `verify` recomputes them."""
     h = _handle(os.path.abspath(path), refresh=True)
     hasher = _hasher(h.meta)
-    with h.begin() as txn:
-        for _, key in txn.cursor(db=h.order):
+    with h.snapshot() as (txn, records, order, _):
+        for _, key in txn.cursor(db=order):
             key = bytes(key)
-            value = txn.get(key, db=h.records)
+            value = txn.get(key, db=records)
             if value is None:
                 raise ShardError(f"{path}: order table names {key!r}, which has no record")
             _hash_entry(hasher, key, stored_checksum(value))
@@ -73,18 +73,18 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
     hasher = _hasher(h.meta)
     meta = h.meta
     c = 0 if meta["class_names"] is None else len(meta["class_names"])
-    with h.begin() as txn:
-        n_records = txn.stat(h.records)["entries"]
+    with h.snapshot() as (txn, records, order, _):
+        n_records = txn.stat(records)["entries"]
         if n_records != h.count:
             report.problems.append(f"{n_records} records but {h.count} entries in the order table")
         if h.state.get("count") != h.count:
             report.problems.append(f"state says {h.state.get('count')} records, order table has {h.count}")
-        for i, (pos, key) in enumerate(txn.cursor(db=h.order)):
+        for i, (pos, key) in enumerate(txn.cursor(db=order)):
             key = bytes(key)
             name = key.decode("utf-8", "replace")
             if bytes(pos) != struct.pack(">Q", i):
                 report.problems.append(f"order table entry {i} is out of sequence")
-            value = txn.get(key, db=h.records)
+            value = txn.get(key, db=records)
             report.checked += 1
             if progress:
                 progress(1)
@@ -110,8 +110,8 @@ def summarize(path: str) -> dict:
     reader = ShardReader(path)
     h = reader._handle()
     boxes = Counter()
-    with h.begin() as txn:
-        for _, value in txn.cursor(db=h.records):
+    with h.snapshot() as (txn, records, _, _):
+        for _, value in txn.cursor(db=records):
             boxes[peek_num_boxes(value)] += 1
     meta = reader.meta
     return {

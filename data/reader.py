@@ -1,9 +1,13 @@
 """ShardReader (one shard) and ShardSet (many shards as one sequence): lazy, read-only, fork-safe.
 
-Each process opens its own LMDB environment on first use (never one inherited across fork), so
-readers can be handed to DataLoader workers under fork or spawn. Records decode into zero-copy numpy
-views of LMDB's memory map; environments stay open for the life of the process so those views never
-dangle. Memory is the map's page cache, not Python objects: it stays flat however many records.
+A complete shard is immutable, so it is opened once per process without LMDB's lock file (nothing
+per-process is shared, so a forked DataLoader worker can keep using what it inherited; a spawned one
+opens its own on first use) and records decode into zero-copy numpy views of LMDB's memory map. The
+environment is never closed, so those views never dangle. Memory is the map's page cache, not Python
+objects: it stays flat however many records are read.
+
+An incomplete shard (its writer crashed, or is still running) may change under us: it is opened
+with locking for each read and its records are copied out. Slower, but correct while a writer runs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import lmdb
 
@@ -22,77 +27,81 @@ from .format import Record, decode_meta, decode_record, encode_key
 from .writer import DB_META, DB_ORDER, DB_RECORDS, META_SHARD, META_STATE, order_key, settings_diff
 
 
-class _Handle:
-    """One process's open environment on one shard, with a read transaction per thread.
+def _open_env(path: str, lock: bool):
+    try:
+        env = lmdb.open(path, subdir=True, readonly=True, lock=lock, readahead=False, max_dbs=3,
+                        max_readers=1024)
+    except lmdb.Error as e:
+        raise ShardError(f"{path}: cannot open shard: {e}") from None
+    try:
+        dbs = tuple(env.open_db(n, create=False) for n in (DB_RECORDS, DB_ORDER, DB_META))
+    except lmdb.Error:
+        env.close()
+        raise ShardError(f"{path}: not a regionbert shard (no records/order/meta tables)") from None
+    return env, dbs
 
-    The environment is never closed (py-lmdb allows one per file per process, and closing it would
-    unmap memory that handed-out views still point into); `reload` moves it to the newest snapshot."""
+
+class _Handle:
+    """This process's view of one shard: metadata, count, and how to read it."""
 
     def __init__(self, path: str):
         if not os.path.isfile(os.path.join(path, "data.mdb")):
             raise ShardError(f"{path}: not a shard (no data.mdb in this folder)")
         self.path = path
-        try:
-            # Probe with locking on (safe while a writer is active); a complete shard is immutable, so
-            # reopen it without locks: no reader-table slots, and read-only media work.
-            self.env = self._open(path, lock=True)
-        except lmdb.Error:
-            self.env = self._open(path, lock=False)
+        self.env = None  # set for complete shards: the shared, lock-free, never-closed environment
         self.gen = 0
         self._local = threading.local()
         self.reload()
-        if self.complete and self.env.flags()["lock"]:
-            self.env.close()
-            self.env = self._open(path, lock=False)
-            self.reload()
-
-    @staticmethod
-    def _open(path: str, lock: bool):
-        try:
-            return lmdb.open(path, subdir=True, readonly=True, lock=lock, readahead=False, max_dbs=3,
-                             max_readers=1024)
-        except lmdb.Error as e:
-            if not lock:
-                raise ShardError(f"{path}: cannot open shard: {e}") from None
-            raise
 
     def reload(self) -> None:
-        """Re-read metadata and counts, and start new read transactions (the file has changed)."""
+        """(Re)read metadata, state and count; new reads see the newest committed data."""
         self.signature = _signature(self.path)
-        self.gen += 1
-        try:
-            self.records, self.order, meta_db = (self.env.open_db(n, create=False)
-                                                 for n in (DB_RECORDS, DB_ORDER, DB_META))
-        except lmdb.Error:
-            raise ShardError(f"{self.path}: not a regionbert shard (no records/order/meta tables)") from None
-        with self.begin(buffers=False) as txn:
+        with self.snapshot(buffers=False) as (txn, _, order, meta_db):
             self.meta = decode_meta(self.path, txn.get(META_SHARD, db=meta_db))
             state = txn.get(META_STATE, db=meta_db)
-            self.count = txn.stat(self.order)["entries"]
+            self.count = txn.stat(order)["entries"]
         try:
             self.state = json.loads(state) if state else {}
         except ValueError:
             raise ShardError(f"{self.path}: shard state is not valid JSON") from None
         self.complete = bool(self.state.get("complete"))
+        if self.complete and self.env is None:
+            self.env, self.dbs = _open_env(self.path, lock=False)
+        self.gen += 1
 
-    def begin(self, buffers: bool = True):
+    @contextmanager
+    def snapshot(self, buffers: bool = True):
+        """A consistent read transaction and the (records, order, meta) tables, for scans."""
+        if self.env is not None:
+            with self._begin(buffers) as txn:
+                yield (txn, *self.dbs)
+            return
+        env, dbs = _open_env(self.path, lock=True)  # may be written right now: take a reader slot
+        try:
+            with env.begin(buffers=buffers) as txn:
+                yield (txn, *dbs)
+        finally:
+            env.close()
+
+    def _begin(self, buffers: bool):
         try:
             return self.env.begin(buffers=buffers)
-        except lmdb.MapResizedError:  # a writer grew the map since we opened it
+        except lmdb.MapResizedError:  # a writer grew the file since we mapped it
             self.env.set_mapsize(0)
             return self.env.begin(buffers=buffers)
 
-    def txn(self):
-        """This thread's long-lived read transaction: views it hands out stay valid."""
+    def get(self, key: bytes, table: int):
+        """One value from records (0) or order (1): a view of the map, or owned bytes if incomplete."""
+        if self.env is None:
+            with self.snapshot(buffers=False) as tables:
+                return tables[0].get(key, db=tables[1 + table])
         local = self._local
-        if getattr(local, "gen", None) != self.gen:
-            if getattr(local, "txn", None) is not None:
-                local.txn.abort()
-            local.txn, local.gen = self.begin(), self.gen
-        return local.txn
+        if getattr(local, "gen", None) != self.gen:  # long-lived per thread: handed-out views stay valid
+            local.txn, local.gen = self._begin(True), self.gen
+        return local.txn.get(key, db=self.dbs[table])
 
 
-_HANDLES: dict[tuple[str, int], _Handle] = {}
+_HANDLES: dict[str, _Handle] = {}  # by path, and by file identity (LMDB allows one open per file)
 _HANDLES_LOCK = threading.Lock()
 
 
@@ -101,18 +110,20 @@ def _signature(path: str) -> tuple:
         st = os.stat(os.path.join(path, "data.mdb"))
     except OSError:
         return ()
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _handle(path: str, refresh: bool = False) -> _Handle:
     """This process's handle on a shard. refresh: catch up if the file changed since it was read."""
-    key = (path, os.getpid())
-    h = _HANDLES.get(key)
+    h = _HANDLES.get(path)
     if h is None:
         with _HANDLES_LOCK:
-            h = _HANDLES.get(key)
+            ident = _signature(path)[:2]
+            h = _HANDLES.get(path) or _HANDLES.get(ident)  # a moved or linked folder: same files
             if h is None:
-                h = _HANDLES[key] = _Handle(path)
+                h = _Handle(path)
+            h.path = path
+            _HANDLES[path] = _HANDLES[ident] = h
     elif refresh and h.signature != _signature(path):
         with _HANDLES_LOCK:
             h.reload()
@@ -120,8 +131,9 @@ def _handle(path: str, refresh: bool = False) -> _Handle:
 
 
 def open_for_reading_here(path: str) -> bool:
-    """Whether this process holds a read handle on the shard (LMDB allows one open per process)."""
-    return (os.path.abspath(path), os.getpid()) in _HANDLES
+    """Whether this process holds the shard's environment open (LMDB allows one per file)."""
+    h = _HANDLES.get(_signature(os.path.abspath(path))[:2])
+    return h is not None and h.env is not None
 
 
 class ShardReader(Sequence):
@@ -134,22 +146,13 @@ class ShardReader(Sequence):
     def __init__(self, path: str | os.PathLike, verify: bool = True, copy: bool = False):
         self.path = os.path.abspath(os.fspath(path))
         self.verify, self.copy = verify, copy
-        h = self._h = _handle(self.path, refresh=True)  # fail early on a bad path
-        self._pid = os.getpid()
+        h = _handle(self.path, refresh=True)  # fail early on a bad path
         if not h.complete:
             warnings.warn(f"{self.path}: shard is incomplete (its writer did not finish); reading the "
                           f"{h.count} committed records", stacklevel=2)
 
-    def __getstate__(self):
-        return {"path": self.path, "verify": self.verify, "copy": self.copy}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _h=None, _pid=None)  # reopened lazily in this process
-
     def _handle(self) -> _Handle:
-        if self._pid != os.getpid():  # first use after unpickling or fork
-            self._h, self._pid = _handle(self.path), os.getpid()
-        return self._h
+        return _handle(self.path)  # opened lazily in each process (a spawned worker unpickles a path)
 
     @property
     def meta(self) -> dict:
@@ -168,7 +171,7 @@ class ShardReader(Sequence):
             index += h.count
         if not 0 <= index < h.count:
             raise IndexError(f"{self.path}: index {index} out of range for {h.count} records")
-        key = h.txn().get(order_key(index), db=h.order)
+        key = h.get(order_key(index), 1)
         if key is None:
             raise ShardError(f"{self.path}: order table has no entry {index}; the shard is damaged")
         return bytes(key)
@@ -183,23 +186,22 @@ class ShardReader(Sequence):
 
     def __contains__(self, image_id) -> bool:
         h = self._handle()
-        return isinstance(image_id, str) and h.txn().get(encode_key(image_id), db=h.records) is not None
+        return isinstance(image_id, str) and h.get(encode_key(image_id), 0) is not None
 
     def keys(self) -> Iterator[str]:
         """Image ids in insertion order."""
         h = self._handle()
-        with h.begin(buffers=False) as txn:
-            for _, key in txn.cursor(db=h.order):
+        with h.snapshot(buffers=False) as (txn, _, order, _):
+            for _, key in txn.cursor(db=order):
                 yield key.decode("utf-8")
 
     def raw(self, key: bytes):
-        """The stored bytes of one record (a memoryview of the map), or None."""
-        h = self._handle()
-        return h.txn().get(key, db=h.records)
+        """The stored bytes of one record (a memoryview of the map, or bytes), or None."""
+        return self._handle().get(key, 0)
 
     def _read(self, key: bytes) -> Record:
         h = self._handle()
-        value = h.txn().get(key, db=h.records)
+        value = h.get(key, 0)
         if value is None:
             raise KeyError(f"{self.path}: no record {key.decode('utf-8', 'replace')!r}")
         try:

@@ -267,7 +267,8 @@ class ShardWriter:
             return None
         if probs is None:
             raise self._fail(image_id, f"{what} missing; the shard declares {len(names)} classes")
-        probs = np.asarray(probs, dtype=np.float32)
+        given = np.asarray(probs)
+        probs = given.astype(np.float32, copy=False)  # checked in float32, stored rounded once to float16
         if probs.shape != (n, len(names)):
             raise self._fail(image_id, f"{what} shape {probs.shape} != (N={n}, {len(names)})", mismatch=True)
         if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1 + 1e-3).any():
@@ -275,4 +276,4 @@ class ShardWriter:
         if what == "class_probs" and n and np.abs(probs.sum(1) - 1).max() > PROB_SUM_TOLERANCE:
             raise self._fail(image_id, "class_probs rows must sum to 1 (the full distribution, background "
                              "included)")
-        return probs.astype(np.float16)
+        return given.astype(np.float16)

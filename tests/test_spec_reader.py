@@ -158,7 +158,8 @@ CASES = {
                               extra=True, sizes=[4, 0, 1, 120, 2]),
 }
 EXTRACTOR = {"name": "synthetic", "detector": "frcnn-ü", "weights": "w.pth", "weights_digest": "sha256:00",
-             "box_policy": "nms", "boxes": "proposals", "score_thresh": 1e-05, "iou": 0.3, "job": {"shard": 2, "host": "h"}}
+             "box_policy": "nms", "boxes": "proposals", "score_thresh": 1e-05, "iou": 0.3,
+             "job": {"shard": 2, "host": "h"}}
 
 
 def write_case(path, case, seed=0, extractor=EXTRACTOR):
@@ -169,7 +170,7 @@ def write_case(path, case, seed=0, extractor=EXTRACTOR):
     with ShardWriter(path, feature_dim=case["feature_dim"], class_names=case["class_names"],
                      feature_dtype=case["feature_dtype"], attribute_names=case["attribute_names"],
                      extractor=extractor) as w:
-        for image_id, n in zip(UNICODE_IDS, case["sizes"]):
+        for image_id, n in zip(UNICODE_IDS, case["sizes"], strict=True):
             W, H = int(rng.integers(1, 2000)), int(rng.integers(1, 2000))
             boxes = random_boxes(rng, n, W, H)
             features = rng.standard_normal((n, case["feature_dim"])) * 4  # float64 on purpose
@@ -196,13 +197,14 @@ def test_records_match_writer_input_and_shard_reader(tmp_path, name):
     ours = [decode_record(k, v) for k, v in items]
     fdtype = np.dtype(case["feature_dtype"])
     assert [r["id"] for r in ours] == [i["id"] for i in inputs]
-    for rec, inp in zip(ours, inputs):
+    for rec, inp in zip(ours, inputs, strict=True):
         n = len(inp["boxes"])
-        assert (rec["width"], rec["height"], rec["N"], rec["D"]) == (inp["width"], inp["height"], n, case["feature_dim"])
+        assert (rec["width"], rec["height"], rec["N"]) == (inp["width"], inp["height"], n)
+        assert rec["D"] == case["feature_dim"]
         assert rec["C"] == len(case["class_names"] or []) and rec["A"] == len(case["attribute_names"] or [])
         assert rec["dtype_code"] == {"float16": 1, "float32": 2}[case["feature_dtype"]]
         assert rec["flags"] == rec["reserved16"] == rec["reserved64"] == 0
-        assert rec["E"] == (0 if inp["extra"] is None else len(json.dumps(inp["extra"]).encode()) and rec["E"])
+        assert (rec["E"] == 0) == (inp["extra"] is None)
         boxes32 = inp["boxes"].astype(np.float32)
         assert rec["boxes"].dtype == np.float32 and np.array_equal(rec["boxes"], boxes32)
         assert rec["features"].dtype == fdtype and np.array_equal(rec["features"], inp["features"].astype(fdtype))
@@ -244,7 +246,7 @@ def test_checksum_and_corruption(tmp_path):
         for pos in sorted({48, len(value) // 2, rec["end"] - 1, rec["end"], len(value) - 1}):
             bad = bytearray(value)
             bad[pos] ^= 0x01
-            decode_record(key, bytes(bad), verify=False)  # structure intact, only the checksum can tell
+            assert record_checksum(key, bytes(bad), rec["end"]) != struct.unpack_from("<Q", bad, rec["end"])[0]
             with pytest.raises(SpecError, match="checksum"):
                 decode_record(key, bytes(bad))
         bad = bytearray(value)
@@ -267,7 +269,7 @@ def test_content_hash_matches_and_ignores_job(tmp_path):
     # pin down what the spec leaves implicit: each alternative reading gives a different hash
     tail = b"".join(struct.pack("<I", len(k)) + k + v[-8:] for k, v in items)
     s = settings_of(shard)
-    assert ours_a == "xxh3_128:%032x" % xxhash.xxh3_128_intdigest(json.dumps(s, sort_keys=True).encode() + tail)
+    assert ours_a == f"xxh3_128:{xxhash.xxh3_128_intdigest(json.dumps(s, sort_keys=True).encode() + tail):032x}"
     alternatives = [
         json.dumps({**s, "extractor": shard["extractor"]}, sort_keys=True).encode(),  # job kept
         json.dumps(s, sort_keys=True, ensure_ascii=False).encode("utf-8"),  # raw UTF-8 instead of \\u escapes
