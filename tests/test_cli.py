@@ -1,0 +1,75 @@
+"""`regionbert-shards`: verify catches corruption, index refuses mixed settings, inspect reports."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from regionbert.data import ShardReader
+from regionbert.data.cli import main
+from regionbert.data.format import HEADER_SIZE
+from regionbert.data.synth import write_synthetic_shard
+
+
+def _flip(shard: str, image_id: str, where) -> None:
+    """Flip one byte of one record, in the data file itself."""
+    value = bytes(ShardReader(shard, verify=False).raw(image_id.encode()))
+    data = bytearray(open(f"{shard}/data.mdb", "rb").read())
+    start = data.find(value)
+    assert start >= 0 and data.find(value, start + 1) < 0
+    offset = where(len(value))
+    data[start + offset] ^= 0x10
+    with open(f"{shard}/data.mdb", "r+b") as f:
+        f.seek(start + offset)
+        f.write(data[start + offset:start + offset + 1])
+
+
+POSITIONS = {
+    "magic": lambda n: 1,
+    "num_boxes": lambda n: 16,
+    "box": lambda n: HEADER_SIZE + 3,
+    "middle": lambda n: n // 2,
+    "class_probs": lambda n: n - 200,
+    "checksum": lambda n: n - 1,
+}
+
+
+@pytest.mark.parametrize("where", POSITIONS)
+@pytest.mark.parametrize("which", [0, 17, 39])
+def test_verify_catches_a_flipped_byte_in_any_record(small_shard, tmp_path, capsys, where, which):
+    shard = str(tmp_path / "copy")
+    shutil.copytree(small_shard, shard)
+    assert main(["verify", "-q", shard]) == 0
+    victim = list(ShardReader(shard).keys())[which]
+    _flip(shard, victim, POSITIONS[where])
+    capsys.readouterr()
+    assert main(["verify", "-q", shard]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED") and f"bad record {victim!r}" in out and "1 bad" in out
+
+
+def test_index_refuses_mixed_settings_unless_forced(tmp_path, capsys):
+    write_synthetic_shard(str(tmp_path / "a"), 5, feature_dim=32)
+    write_synthetic_shard(str(tmp_path / "b"), 5, feature_dim=48)
+    out = str(tmp_path / "index.json")
+    assert main(["index", "-q", str(tmp_path / "a"), str(tmp_path / "b"), "-o", out]) == 2
+    assert "feature_dim" in capsys.readouterr().err
+    assert main(["index", "-q", "--force", str(tmp_path / "a"), str(tmp_path / "b"), "-o", out]) == 0
+    index = json.load(open(out))
+    assert index["total"] == 10 and [s["path"] for s in index["shards"]] == ["a", "b"]
+    assert index["shards"][1]["settings_differ"] == ["feature_dim"]
+    assert all(s["content_hash"].startswith("xxh3_128:") for s in index["shards"])
+
+
+def test_inspect_and_synth_from_the_installed_command(tmp_path):
+    shard = str(tmp_path / "s")
+    run = lambda *a: subprocess.run(["regionbert-shards", *a], capture_output=True, text=True, check=True)  # noqa: E731
+    run("synth", shard, "-n", "30", "--dim", "128", "-q")
+    out = run("inspect", shard).stdout
+    assert "records    30  (complete)" in out and "features   128 x float16" in out
+    assert "91 with background: __background__, person" in out and "boxes per image:" in out
+    info = json.loads(run("inspect", "--json", shard).stdout)
+    assert info["count"] == 30 and sum(info["boxes_per_image"].values()) == 30
+    assert run("verify", "-q", shard).stdout.startswith("OK")
+    r = subprocess.run(["regionbert-shards", "verify", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert r.returncode != 0 and "nope" in r.stderr
