@@ -40,6 +40,7 @@ Fairness rules:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -47,6 +48,7 @@ import pickle
 import platform
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -57,7 +59,18 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 from regionbert.data import ShardReader
-from regionbert.data.format import decode_record, record_checksum
+from regionbert.data.errors import CorruptRecordError
+from regionbert.data.format import (
+    _HEADER,
+    CHECKSUM_SIZE,
+    FEATURE_DTYPES,
+    HEADER_SIZE,
+    MAGIC,
+    RECORD_VERSION,
+    _sections,
+    decode_record,
+    record_checksum,
+)
 from regionbert.data.reader import _handle
 from regionbert.data.synth import write_synthetic_shard
 from regionbert.data.writer import order_key
@@ -68,6 +81,7 @@ MAX_BOXES = 100
 MIN_BOXES = 10
 FEATURE_DIM = 1024
 BENCH_VERSION = 1  # bump when the files written here change
+_CHECKSUM = struct.Struct("<Q")
 LMDB_READ = dict(readonly=True, lock=False, readahead=False)  # the same for every LMDB variant
 
 
@@ -284,6 +298,41 @@ def read_checksum_only(path: str):
     return read
 
 
+@functools.lru_cache(maxsize=1024)
+def _layout(n: int, d: int, c: int, a: int, fcode: int, extra_len: int):
+    sections, end = _sections(n, d, c, a, fcode, extra_len)
+    return {name: (shape, dt, off) for name, off, dt, shape, _ in sections if name != "extra"}, end
+
+
+def lean_decode(key: bytes, value) -> tuple:
+    """Diagnostic sketch, NOT our reader: decode_record's checks (size, magic, version, dtype, layout,
+    checksum over every byte) with the per-read overheads removed: the section layout cached per shape,
+    one np.ndarray(shape, dtype, buffer, offset) call per array, no Record dataclass, `extra` left
+    unparsed (it could be parsed on first access). Returns (boxes, features, class_probs, loc5, loc7)."""
+    mv = memoryview(value)
+    size = mv.nbytes
+    if size < HEADER_SIZE + CHECKSUM_SIZE:
+        raise CorruptRecordError(key.decode(), "short record")
+    magic, version, header_size, width, height, n, d, c, a, fcode, _, _, extra_len, _ = _HEADER.unpack_from(mv)
+    if magic != MAGIC or version != RECORD_VERSION or header_size != HEADER_SIZE or fcode not in FEATURE_DTYPES \
+            or not width or not height:
+        raise CorruptRecordError(key.decode(), "bad header")
+    layout, end = _layout(n, d, c, a, fcode, extra_len)
+    if end + CHECKSUM_SIZE != size or _CHECKSUM.unpack_from(mv, end)[0] != record_checksum(key, mv[:end]):
+        raise CorruptRecordError(key.decode(), "bad size or checksum")
+    return tuple(np.ndarray(*layout[name], buffer=mv) for name in ARRAYS)
+
+
+def read_lean_sketch(path: str):
+    env, db, _ = shard_env(path)
+    txn = env.begin(buffers=True)
+
+    def read(key: bytes):
+        return lean_decode(key, txn.get(key, db=db))
+
+    return read
+
+
 # ---- timing -----------------------------------------------------------------------------------------------
 
 
@@ -295,12 +344,13 @@ def touch(arrays) -> float:
     return s
 
 
-def one_pass(read, items) -> tuple[float, float]:
+def one_pass(read, items) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process, sum of touched elements) for one pass over items."""
     s = 0.0
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for x in items:
         s += touch(read(x))
-    return time.perf_counter() - t0, s
+    return time.perf_counter() - t0, time.process_time() - c0, s
 
 
 def warm_files(paths) -> None:
@@ -312,24 +362,43 @@ def warm_files(paths) -> None:
                 pass
 
 
-def measure(read, items, repeat: int) -> dict:
-    one_pass(read, items)  # untimed: maps the pages, fills HDF5's caches
-    times, sums = [], set()
+def measure_all(cases, repeat: int) -> list[dict]:
+    """Time every case `repeat` times, round-robin (so a burst of other load hits one pass of several
+    formats rather than every pass of one), after one untimed pass each. GC is off while timing."""
+    readers = []
+    for label, _role, path, make_reader, items in cases:
+        read = make_reader(path)
+        one_pass(read, items)  # untimed: maps the pages, fills HDF5's caches
+        readers.append(read)
+        print(f"  warmed {label}", flush=True)
+    passes = [[] for _ in cases]
     gc.disable()
     try:
-        for _ in range(repeat):
-            dt, s = one_pass(read, items)
-            times.append(dt)
-            sums.add(s)
+        for rep in range(repeat):
+            for (label, _role, _path, _make, items), read, out in zip(cases, readers, passes, strict=True):
+                wall, cpu, s = one_pass(read, items)
+                out.append((wall, cpu, s))
+                print(f"  pass {rep + 1}/{repeat}  {label:38s} {wall / len(items) * 1e6:7.1f} µs/read  "
+                      f"(cpu/wall {cpu / wall:4.0%})", flush=True)
     finally:
         gc.enable()
-    best = min(times)
-    return {"reads": len(items), "best_s": best, "median_s": statistics.median(times), "times_s": times,
-            "reads_per_s": len(items) / best, "us_per_read": best / len(items) * 1e6, "touch_sum": sums.pop()}
+    results = []
+    for (label, role, path, _make, items), out in zip(cases, passes, strict=True):
+        wall, cpu, s = min(out)
+        results.append({
+            "label": label, "role": role, "reads": len(items), "best_s": wall, "best_cpu_s": cpu,
+            "median_s": statistics.median(w for w, _, _ in out), "times_s": [w for w, _, _ in out],
+            "reads_per_s": len(items) / wall, "us_per_read": wall / len(items) * 1e6, "touch_sum": s,
+            "bytes_per_record": file_size(path) / len(items)})
+    return results
 
 
 def file_size(path: str) -> int:
-    return os.path.getsize(os.path.join(path, "data.mdb") if os.path.isdir(path) else path)
+    return os.path.getsize(data_file(path))
+
+
+def data_file(path: str) -> str:
+    return os.path.join(path, "data.mdb") if os.path.isdir(path) else path
 
 
 def breakdown(path: str, keys: list[bytes], order: list[int], repeat: int) -> list[tuple[str, float]]:
@@ -424,17 +493,17 @@ def main(argv=None) -> int:
         ("(diag) ours, by key, verify=False", "diag", paths["ours"],
          lambda p: read_ours_by_key(p, verify=False), by_id),
         ("(diag) get + xxh3, no decode", "diag", paths["ours"], read_checksum_only, by_key),
+        ("(diag) sketch: lean decode, by key", "diag", paths["ours"], read_lean_sketch, by_key),
     ]
-    results = []
-    for label, role, path, make_reader, items in cases:
-        warm_files([os.path.join(path, "data.mdb") if os.path.isdir(path) else path])
-        r = measure(make_reader(path), items, args.repeat)
-        r.update(label=label, role=role, bytes_per_record=file_size(path) / len(ids))
-        results.append(r)
-        print(f"  {label:36s} {r['us_per_read']:8.1f} µs/read  (passes: "
-              f"{', '.join(f'{t / len(items) * 1e6:.1f}' for t in r['times_s'])})", flush=True)
+    print(f"warming the page cache ({len(paths)} files) and one untimed pass per format...", flush=True)
+    warm_files(data_file(p) for p in paths.values())
+    load_before = os.getloadavg()
+    results = measure_all(cases, args.repeat)
+    load_after = os.getloadavg()
 
-    sums = {r["label"]: r["touch_sum"] for r in results if r["role"] in ("ours", "baseline")}
+    # every reader that yields the five arrays must see the same data (the ceiling and xxh3 rows yield bytes)
+    sums = {r["label"]: r["touch_sum"] for r in results if r["role"] in ("ours", "baseline") or "decode" in r["label"]
+            or "verify=False" in r["label"]}
     same = len(set(sums.values())) == 1
     fastest = max((r for r in results if r["role"] == "baseline"), key=lambda r: r["reads_per_s"])
     ceiling = next(r for r in results if r["role"] == "ceiling")
@@ -443,14 +512,20 @@ def main(argv=None) -> int:
     print(f"{args.records} records, {len(perm)} random reads per pass, best of {args.repeat} passes; "
           f"CPU: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, numpy "
           f"{np.__version__}, lmdb {lmdb.__version__}, h5py {h5py.__version__}, msgpack "
-          f"{'.'.join(map(str, msgpack.version))}")
+          f"{'.'.join(map(str, msgpack.version))}; load average {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after")
     rows = [[r["label"], f"{r['reads_per_s']:,.0f}", f"{r['us_per_read']:.1f}",
              f"{r['median_s'] / r['reads'] * 1e6:.1f}", f"{r['reads_per_s'] / fastest['reads_per_s']:.2f}x",
-             f"{r['reads_per_s'] / ceiling['reads_per_s']:.0%}", f"{r['bytes_per_record']:,.0f}"] for r in results]
+             f"{r['reads_per_s'] / ceiling['reads_per_s']:.0%}", f"{r['bytes_per_record']:,.0f}",
+             f"{r['best_cpu_s'] / r['best_s']:.0%}"] for r in results]
     print_table(["format", "reads/s", "µs/read", "median µs", "vs fastest baseline", "vs ceiling",
-                 "bytes on disk/record"], rows)
+                 "bytes on disk/record", "cpu/wall"], rows)
+    busy = [r["label"] for r in results if r["best_cpu_s"] < 0.9 * r["best_s"]]
+    if busy:
+        print(f"WARNING: the best pass of {', '.join(busy)} got < 90% of a CPU: other load on the machine; "
+              "rerun when it is idle (or with more --repeat)")
     print()
-    print(f"data check: ours, pickle, msgpack and HDF5 reads {'agree' if same else 'DISAGREE'} "
+    print(f"data check: {', '.join(sums)}: {'agree' if same else 'DISAGREE'} "
           f"(sum of touched elements: {sorted(set(sums.values()))})")
     print(f"fastest baseline: {fastest['label']} ({fastest['us_per_read']:.1f} µs/read)")
     targets = []

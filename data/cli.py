@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tqdm import tqdm
 
 from .errors import ShardError
 from .index import build_index, summarize, verify_shard
-from .reader import resolve_sources
+from .reader import _handle, resolve_sources
 from .synth import write_synthetic_shard
 
 
@@ -52,7 +53,11 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     failed = 0
     for path in resolve_sources(args.shards)[0]:
-        with tqdm(desc=f"verify {path}", unit="rec", disable=args.quiet, leave=False) as bar:
+        try:
+            total = _handle(os.path.abspath(path)).count
+        except ShardError:
+            total = None  # verify_shard reports why
+        with tqdm(total=total, desc=f"verify {path}", unit="rec", disable=args.quiet, leave=False) as bar:
             r = verify_shard(path, progress=bar.update)
         status = "OK" if r.ok else "FAILED"
         print(f"{status:6} {r.path}: {r.checked}/{r.count} records checked, {len(r.bad)} bad, {r.content_hash}")
