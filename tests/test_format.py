@@ -99,9 +99,10 @@ def _decode_or_clean_error(value, verify):
         rec = decode_record(b"k", value, verify=verify)
     except CorruptRecordError:
         return None
-    for a in (rec.boxes, rec.features, rec.class_probs, rec.loc5, rec.loc7):
-        if a is not None:
-            a.sum()  # the views must be readable memory
+    with np.errstate(all="ignore"):
+        for a in (rec.boxes, rec.features, rec.class_probs, rec.loc5, rec.loc7):
+            if a is not None:
+                a.sum()  # the views must be readable memory
     return rec
 
 
