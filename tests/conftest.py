@@ -1,4 +1,5 @@
 import pytest
+
 from regionbert.data.synth import write_synthetic_shard
 
 

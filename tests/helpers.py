@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 
 import numpy as np
+
 from regionbert.data.synth import COCO_CLASSES
 
 NUM_CLASSES = len(COCO_CLASSES)

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from regionbert.data import ShardReader
 from regionbert.data.cli import main
 from regionbert.data.format import HEADER_SIZE

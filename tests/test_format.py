@@ -7,6 +7,7 @@ import pytest
 from helpers import random_record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from regionbert.data import CorruptRecordError, ShardError, ShardReader, ShardWriter, location_vectors
 from regionbert.data.format import HEADER_SIZE, MAX_KEY_BYTES, decode_record, encode_key, encode_record
 from regionbert.data.synth import COCO_CLASSES

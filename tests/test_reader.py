@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, Dataset
+
 from regionbert.data import ShardError, ShardMismatchError, ShardReader, ShardSet, build_index
 from regionbert.data.synth import write_synthetic_shard
-from torch.utils.data import DataLoader, Dataset
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 from helpers import random_record
+
 from regionbert.data import ShardError, ShardMismatchError, ShardReader, ShardWriter, verify_shard
 from regionbert.data.synth import COCO_CLASSES, write_synthetic_shard
 

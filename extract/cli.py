@@ -1,0 +1,97 @@
+"""`regionbert-extract`: a folder or manifest of images -> region-feature shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from regionbert.data import ShardError
+
+from .detector import BUILDERS, DetectorSpec
+from .images import DEFAULT_MAX_PIXELS
+from .pipeline import ExtractConfig, run, summary_dict
+from .regions import POLICIES, BoxPolicy
+
+
+def parse_args(argv=None) -> ExtractConfig:
+    p = argparse.ArgumentParser(prog="regionbert-extract", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", help="folder of images (recursive) or manifest (.csv .tsv .jsonl .parquet)")
+    p.add_argument("-o", "--out", required=True, help="output folder; this job writes shard-IIIII-of-NNNNN in it")
+    g = p.add_argument_group("detector")
+    g.add_argument("--detector", default="resnet50_fpn_v2", choices=list(BUILDERS))
+    g.add_argument("--weights", default="DEFAULT",
+                   help="torchvision weights name (DEFAULT, COCO_V1, ...; downloaded to the torch cache), a "
+                        "local checkpoint file, or 'none' (random init: dry runs and tests only)")
+    g.add_argument("--seed", type=int, default=0, help="init seed for --weights none")
+    g.add_argument("--min-size", type=int, help="resize shorter side to this (default: the model's, 800)")
+    g.add_argument("--max-size", type=int, help="cap on the longer side (default: the model's, 1333)")
+    g = p.add_argument_group("boxes")
+    g.add_argument("--policy", default="butd", choices=POLICIES)
+    g.add_argument("--boxes-per-image", type=int, help="fixed policy: exactly this many boxes (e.g. 36)")
+    g.add_argument("--min-boxes", type=int, default=10)
+    g.add_argument("--max-boxes", type=int, default=100)
+    g.add_argument("--conf-thresh", type=float, default=0.2)
+    g.add_argument("--nms-thresh", type=float, default=0.3)
+    g.add_argument("--boxes", dest="boxes_file",
+                   help="given policy: JSONL rows {\"id\": ..., \"boxes\": [[x1, y1, x2, y2], ...]}")
+    g = p.add_argument_group("manifest")
+    g.add_argument("--image-root", help="manifest paths are relative to this (default: the manifest's folder)")
+    g.add_argument("--path-column")
+    g.add_argument("--id-column")
+    g.add_argument("--allow-outside-root", action="store_true", help="accept manifest paths outside the root")
+    g = p.add_argument_group("job")
+    g.add_argument("--num-shards", type=int, help="split the input into N jobs (default: SLURM array / torchrun, or 1)")
+    g.add_argument("--shard-index", type=int, help="this job's part, 0..N-1")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--workers", type=int, default=4, help="decoding and resizing processes")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast on CUDA")
+    g.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"])
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (bombs)")
+    g.add_argument("--max-failure-fraction", type=float, default=0.01,
+                   help="exit non-zero only if more than this fraction of images fail")
+    g.add_argument("--commit-every", type=int, default=256, help="records per shard commit")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    if (a.num_shards is None) != (a.shard_index is None):
+        p.error("--num-shards and --shard-index go together")
+    policy = a.policy
+    lo, hi = a.min_boxes, a.max_boxes
+    if a.boxes_per_image is not None:
+        policy, lo, hi = "fixed", a.boxes_per_image, a.boxes_per_image
+    return ExtractConfig(
+        images=a.images, out=a.out,
+        detector=DetectorSpec(a.detector, a.weights, a.min_size, a.max_size, a.seed),
+        policy=BoxPolicy(policy, a.nms_thresh, a.conf_thresh, lo, hi),
+        image_root=a.image_root, path_column=a.path_column, id_column=a.id_column,
+        allow_outside_root=a.allow_outside_root, boxes_file=a.boxes_file, num_shards=a.num_shards,
+        shard_index=a.shard_index, batch_size=a.batch_size, workers=a.workers, device=a.device, amp=a.amp,
+        feature_dtype=a.feature_dtype, max_pixels=a.max_pixels, max_failure_fraction=a.max_failure_fraction,
+        commit_every=a.commit_every, progress=not a.quiet)
+
+
+def main(argv=None) -> int:
+    warnings.simplefilter("always", UserWarning)  # the random-weights warning must be seen
+    try:
+        cfg = parse_args(argv)
+        s = run(cfg)
+    except (ValueError, ShardError) as e:
+        print(f"regionbert-extract: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{s.shard}: {s.written} written, {s.already_done} already done, {s.failed} failed of {s.total} "
+          f"in {s.seconds:.1f}s ({s.images_per_second:.2f} images/s)")
+    if s.failures_file:
+        print(f"failures (id, path, reason): {s.failures_file}")
+    print(json.dumps(summary_dict(s)), file=sys.stderr)
+    if s.failure_fraction > cfg.max_failure_fraction:
+        print(f"regionbert-extract: {s.failure_fraction:.1%} of images failed, more than the allowed "
+              f"{cfg.max_failure_fraction:.1%}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
