@@ -206,8 +206,14 @@ def run(cfg: ExtractConfig) -> Summary:
 
     writer = ShardWriter(shard, feature_dim=feature_dim, class_names=class_names, feature_dtype=cfg.feature_dtype,
                          extractor=settings, commit_every=cfg.commit_every)
-    todo = [it for it in items if it.id not in writer]
-    summary.already_done = len(items) - len(todo)
+    todo = []
+    for it in items:
+        try:
+            if it.id not in writer:
+                todo.append(it)
+        except ShardError as e:  # e.g. an id past LMDB's 511-byte key limit
+            fail(it, str(e))
+    summary.already_done = len(items) - len(todo) - len(failures)
     loader = DataLoader(ImageDataset(todo, model.transform, cfg.max_pixels, boxes), batch_size=cfg.batch_size,
                         num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
                         worker_init_fn=_worker_init, persistent_workers=False)
