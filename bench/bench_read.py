@@ -19,22 +19,36 @@ Formats, each read in the same fixed random order (one permutation, same for all
                             read = txn.get(key) + msgpack.unpackb(object_hook=msgpack_numpy.decode).
   padded HDF5               datasets (R, 100, D) padded to 100 boxes, chunked one record per chunk
                             ((1, 100, D)), uncompressed; num_boxes and image sizes are loaded into
-                            memory at open; read = ds[i, :n] for each array dataset.
+                            memory at open; read = ds[i, :n] for each array dataset. Opened with the
+                            chunk cache off (rdcc_nbytes=0), several times faster for random reads of
+                            whole records than h5py's defaults (--h5-defaults times those instead).
   ceiling                   txn.get(key) on our shard + np.frombuffer(value, uint8) over the whole value:
                             no checksum, no header, no parsing.
 
 Fairness rules:
   * Every LMDB environment (ours, baselines, ceiling) is opened readonly=True, lock=False,
     readahead=False, and read through one long-lived read transaction with buffers=True; so the
-    baselines get a zero-copy memoryview of the value too (their real loaders copy it into bytes first,
-    which would only make them slower).
+    baselines get a zero-copy memoryview of the value too. Their real loaders use LMDB's default,
+    buffers=False, which first copies each value into a new bytes object: one row shows that for pickle.
   * Every read yields numpy arrays for boxes, features, class_probs, loc5 and loc7 (what a trainer
     needs), and the benchmark touches each one the same minimal way: its .shape and its last element.
     Copying decoders (pickle, msgpack, HDF5) pay for their copies; ours returns zero-copy views but
     verifies a checksum over every byte of the record, so it reads every byte anyway.
   * The page cache is warmed first (each file is read end to end, then one untimed pass of the reads),
     so this measures decode cost, not the disk. The garbage collector is off during timed passes.
-  * Each format is timed over --repeat passes of the permutation; the table shows the best pass.
+  * Each format is timed over --repeat passes of the permutation, round-robin across formats (so a burst
+    of other load on the machine spoils one pass of several formats, not every pass of one); the table
+    shows the best pass, its median, and the CPU time / wall time of the best pass (< 90% means the
+    process was descheduled: the machine was busy).
+
+Rows marked (diag) are diagnostics, not targets: ours with verify=False, and the ceiling plus XXH3 over
+the record (the floor for any read that checks every byte). --breakdown times the pieces of a verified
+read.
+
+--consume says what is done with each record read:
+  touch  the shape and last element of each array (the least a reader can be asked for);
+  copy   every array copied into a preallocated buffer, as a collate function copies records into a
+         batch: a trainer pulls every byte it reads out of memory once, whatever the format.
 """
 
 from __future__ import annotations
@@ -58,23 +72,16 @@ import lmdb
 import msgpack
 import msgpack_numpy
 import numpy as np
+from tqdm import tqdm
+
 from regionbert.data import ShardReader
-from regionbert.data.errors import CorruptRecordError
 from regionbert.data.format import (
-    _HEADER,
-    CHECKSUM_SIZE,
-    FEATURE_DTYPES,
-    HEADER_SIZE,
-    MAGIC,
-    RECORD_VERSION,
-    _sections,
     decode_record,
     record_checksum,
 )
 from regionbert.data.reader import _handle
 from regionbert.data.synth import write_synthetic_shard
 from regionbert.data.writer import order_key
-from tqdm import tqdm
 
 ARRAYS = ("boxes", "features", "class_probs", "loc5", "loc7")
 MAX_BOXES = 100
@@ -210,8 +217,10 @@ def build_all(folder: str, records: int, seed: int, rebuild: bool) -> dict:
 # ---- readers: each returns a function (key or index) -> tuple of the five arrays --------------------------
 
 
-def open_lmdb(path: str, **kw) -> lmdb.Environment:
-    return lmdb.open(path, subdir=True, max_dbs=3, **LMDB_READ, **kw)
+@functools.cache
+def open_lmdb(path: str) -> lmdb.Environment:
+    """One environment per file per process (py-lmdb refuses a second); each reader begins its own txn."""
+    return lmdb.open(path, subdir=True, max_dbs=3, **LMDB_READ)
 
 
 def read_ours_by_index(path: str):
@@ -234,8 +243,8 @@ def read_ours_by_key(path: str, verify: bool = True):
     return read
 
 
-def read_pickle(path: str):
-    txn = open_lmdb(path).begin(buffers=True)
+def read_pickle(path: str, buffers: bool = True):
+    txn = open_lmdb(path).begin(buffers=buffers)
 
     def read(key: bytes):
         d = pickle.loads(txn.get(key))
@@ -254,8 +263,12 @@ def read_msgpack(path: str):
     return read
 
 
-def read_h5(path: str):
-    f = h5py.File(path, "r")  # default chunk cache (1 MiB); one chunk is at most 200 KiB
+def read_h5(path: str, chunk_cache: bool):
+    """chunk_cache=False opens with rdcc_nbytes=0: no record is read twice, so HDF5's chunk cache (1 MiB
+    per dataset by default) only costs; without it HDF5 reads just the selected rows of a chunk. (HDF5
+    keeps one shared state per open file per process: the first open's cache settings win, so one run
+    can time only one of the two.)"""
+    f = h5py.File(path, "r") if chunk_cache else h5py.File(path, "r", rdcc_nbytes=0)
     num_boxes = f["num_boxes"][:]  # what an HDF5 loader keeps in memory
     f["image_wh"][:]
     boxes, features, class_probs, loc5, loc7 = (f[name] for name in ARRAYS)
@@ -268,11 +281,15 @@ def read_h5(path: str):
 
 
 def shard_env(path: str):
-    """Our shard's own environment and records table: py-lmdb refuses to open one environment twice in a
-    process, so the ceiling and the diagnostics share the ShardReader's (readonly, lock=False,
-    readahead=False, like every other variant here), each with its own read transaction."""
+    """Our shard's environment and its records and order tables. py-lmdb allows one open environment per
+    file per process, so the ceiling and the diagnostics borrow the ShardReader's (readonly, lock=False,
+    readahead=False, like every other variant here; reader internals, so this may need updating when
+    data/reader.py changes) and read it through their own read transaction."""
     h = _handle(os.path.abspath(path))
-    return h.env, h.records, h.order
+    if h.env is None:
+        raise SystemExit(f"{path}: shard is not complete; rebuild with --rebuild")
+    records, order, _meta = h.dbs
+    return h.env, records, order
 
 
 def read_ceiling(path: str):
@@ -298,41 +315,6 @@ def read_checksum_only(path: str):
     return read
 
 
-@functools.lru_cache(maxsize=1024)
-def _layout(n: int, d: int, c: int, a: int, fcode: int, extra_len: int):
-    sections, end = _sections(n, d, c, a, fcode, extra_len)
-    return {name: (shape, dt, off) for name, off, dt, shape, _ in sections if name != "extra"}, end
-
-
-def lean_decode(key: bytes, value) -> tuple:
-    """Diagnostic sketch, NOT our reader: decode_record's checks (size, magic, version, dtype, layout,
-    checksum over every byte) with the per-read overheads removed: the section layout cached per shape,
-    one np.ndarray(shape, dtype, buffer, offset) call per array, no Record dataclass, `extra` left
-    unparsed (it could be parsed on first access). Returns (boxes, features, class_probs, loc5, loc7)."""
-    mv = memoryview(value)
-    size = mv.nbytes
-    if size < HEADER_SIZE + CHECKSUM_SIZE:
-        raise CorruptRecordError(key.decode(), "short record")
-    magic, version, header_size, width, height, n, d, c, a, fcode, _, _, extra_len, _ = _HEADER.unpack_from(mv)
-    if magic != MAGIC or version != RECORD_VERSION or header_size != HEADER_SIZE or fcode not in FEATURE_DTYPES \
-            or not width or not height:
-        raise CorruptRecordError(key.decode(), "bad header")
-    layout, end = _layout(n, d, c, a, fcode, extra_len)
-    if end + CHECKSUM_SIZE != size or _CHECKSUM.unpack_from(mv, end)[0] != record_checksum(key, mv[:end]):
-        raise CorruptRecordError(key.decode(), "bad size or checksum")
-    return tuple(np.ndarray(*layout[name], buffer=mv) for name in ARRAYS)
-
-
-def read_lean_sketch(path: str):
-    env, db, _ = shard_env(path)
-    txn = env.begin(buffers=True)
-
-    def read(key: bytes):
-        return lean_decode(key, txn.get(key, db=db))
-
-    return read
-
-
 # ---- timing -----------------------------------------------------------------------------------------------
 
 
@@ -344,12 +326,30 @@ def touch(arrays) -> float:
     return s
 
 
+_SINK = np.empty(1 << 20, np.uint8)
+
+
+def copy_out(arrays) -> float:
+    """What a collate function does: every array copied into a (preallocated) batch buffer."""
+    s, off = 0.0, 0
+    for a in arrays:
+        b = a.reshape(-1).view(np.uint8)
+        _SINK[off:off + b.size] = b
+        off += b.size
+        s += a.shape[0] + a.item(-1)
+    return s
+
+
+CONSUMERS = {"touch": touch, "copy": copy_out}
+consume = touch
+
+
 def one_pass(read, items) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds of this process, sum of touched elements) for one pass over items."""
     s = 0.0
     c0, t0 = time.process_time(), time.perf_counter()
     for x in items:
-        s += touch(read(x))
+        s += consume(read(x))
     return time.perf_counter() - t0, time.process_time() - c0, s
 
 
@@ -402,38 +402,38 @@ def data_file(path: str) -> str:
 
 
 def breakdown(path: str, keys: list[bytes], order: list[int], repeat: int) -> list[tuple[str, float]]:
-    """Diagnostic: what each piece of a verified read by index costs, µs per read (best of `repeat`)."""
+    """Diagnostic: what the pieces of a verified read cost, µs per read (best of `repeat` passes, in the
+    same random order; values are looked up beforehand where a step starts from one)."""
     env, rdb, odb = shard_env(path)
     txn = env.begin(buffers=True)
     pairs = [(k, txn.get(k, db=rdb)) for k in keys]
-    okeys = [order_key(i) for i in order]
     reader = ShardReader(path)
     ids = [k.decode() for k in keys]
-    steps = [
-        ("order table get (index -> key), incl. order_key()", lambda: [txn.get(order_key(i), db=odb) for i in order]),
-        ("order table get, key pre-packed", lambda: [txn.get(k, db=odb) for k in okeys]),
-        ("records get (key -> memoryview)", lambda: [txn.get(k, db=rdb) for k in keys]),
-        ("xxh3 checksum over the record", lambda: [record_checksum(k, v[:-8]) for k, v in pairs]),
-        ("decode_record(verify=False)", lambda: [decode_record(k, v, verify=False) for k, v in pairs]),
-        ("decode_record(verify=True)", lambda: [decode_record(k, v) for k, v in pairs]),
-        ("ShardReader.get(id)  (verify=True)", lambda: [reader.get(i) for i in ids]),
-        ("ShardReader[i]  (verify=True)", lambda: [reader[i] for i in order]),
+    steps = [  # (what, function of one item, items)
+        ("order table get: index -> key (incl. order_key)", lambda i: txn.get(order_key(i), db=odb), order),
+        ("records table get: key -> memoryview", lambda k: txn.get(k, db=rdb), keys),
+        ("xxh3 over the record", lambda kv: record_checksum(kv[0], kv[1][:-8]), pairs),
+        ("decode_record(verify=False)", lambda kv: decode_record(kv[0], kv[1], verify=False), pairs),
+        ("decode_record(verify=True)", lambda kv: decode_record(kv[0], kv[1]), pairs),
+        ("ShardReader.get(id), verify=True", reader.get, ids),
+        ("ShardReader[i], verify=True", reader.__getitem__, order),
     ]
     out = []
     gc.disable()
     try:
-        for name, fn in steps:
-            fn()
-            best = min(_timed(fn) for _ in range(repeat))
-            out.append((name, best / len(keys) * 1e6))
+        for name, fn, items in steps:
+            _timed(fn, items)
+            best = min(_timed(fn, items) for _ in range(repeat))
+            out.append((name, best / len(items) * 1e6))
     finally:
         gc.enable()
     return out
 
 
-def _timed(fn) -> float:
+def _timed(fn, items) -> float:
     t0 = time.perf_counter()
-    fn()
+    for x in items:
+        fn(x)
     return time.perf_counter() - t0
 
 
@@ -467,11 +467,17 @@ def main(argv=None) -> int:
     ap.add_argument("--records", type=int, default=20000, help="records per format (default 20000)")
     ap.add_argument("--out", default="bench/out", help="folder for the generated files (reused by reruns)")
     ap.add_argument("--seed", type=int, default=0, help="data seed (the read permutation uses seed+1)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed passes per format; the best is reported")
+    ap.add_argument("--repeat", type=int, default=5, help="timed passes per format; the best is reported")
     ap.add_argument("--rebuild", action="store_true", help="regenerate the files even if they exist")
+    ap.add_argument("--h5-defaults", action="store_true",
+                    help="open the HDF5 file with h5py's default chunk cache instead of none")
     ap.add_argument("--breakdown", action="store_true", help="also time the pieces of a verified read")
+    ap.add_argument("--consume", choices=sorted(CONSUMERS), default="touch",
+                    help="what is done with each record read (see above)")
     ap.add_argument("--json", help="also write the results here (default: <out>/.../results.json)")
     args = ap.parse_args(argv)
+    global consume
+    consume = CONSUMERS[args.consume]
 
     folder = os.path.join(args.out, f"records-{args.records}-seed-{args.seed}")
     print(f"files: {folder}", flush=True)
@@ -483,17 +489,18 @@ def main(argv=None) -> int:
     by_id = [ids[i] for i in perm]
     by_key = [i.encode("utf-8") for i in by_id]
 
-    cases = [  # (label, role, files to warm, reader, items)
+    cases = [  # (label, role, file, reader factory, items read in order); role "diag*" rows are diagnostics
         ("ours, by index (verify)", "ours", paths["ours"], read_ours_by_index, by_index),
         ("ours, by key (verify)", "ours", paths["ours"], read_ours_by_key, by_id),
         ("pickle in LMDB", "baseline", paths["pickle"], read_pickle, by_key),
+        ("pickle in LMDB, buffers=False", "baseline", paths["pickle"], lambda p: read_pickle(p, False), by_key),
         ("msgpack-numpy in LMDB", "baseline", paths["msgpack"], read_msgpack, by_key),
-        ("padded HDF5, chunk=1 record", "baseline", paths["h5"], read_h5, by_index),
+        (f"padded HDF5, {'h5py defaults' if args.h5_defaults else 'chunk cache off'}", "baseline", paths["h5"],
+         lambda p: read_h5(p, chunk_cache=args.h5_defaults), by_index),
         ("ceiling: get + frombuffer", "ceiling", paths["ours"], read_ceiling, by_key),
         ("(diag) ours, by key, verify=False", "diag", paths["ours"],
          lambda p: read_ours_by_key(p, verify=False), by_id),
-        ("(diag) get + xxh3, no decode", "diag", paths["ours"], read_checksum_only, by_key),
-        ("(diag) sketch: lean decode, by key", "diag", paths["ours"], read_lean_sketch, by_key),
+        ("(diag) get + xxh3, no decode", "diag-raw", paths["ours"], read_checksum_only, by_key),
     ]
     print(f"warming the page cache ({len(paths)} files) and one untimed pass per format...", flush=True)
     warm_files(data_file(p) for p in paths.values())
@@ -501,15 +508,15 @@ def main(argv=None) -> int:
     results = measure_all(cases, args.repeat)
     load_after = os.getloadavg()
 
-    # every reader that yields the five arrays must see the same data (the ceiling and xxh3 rows yield bytes)
-    sums = {r["label"]: r["touch_sum"] for r in results if r["role"] in ("ours", "baseline") or "decode" in r["label"]
-            or "verify=False" in r["label"]}
+    # every reader that yields the five arrays must see the same data (the "raw" rows yield bytes)
+    sums = {r["label"]: r["touch_sum"] for r in results if r["role"] in ("ours", "baseline", "diag")}
     same = len(set(sums.values())) == 1
     fastest = max((r for r in results if r["role"] == "baseline"), key=lambda r: r["reads_per_s"])
     ceiling = next(r for r in results if r["role"] == "ceiling")
 
     print()
-    print(f"{args.records} records, {len(perm)} random reads per pass, best of {args.repeat} passes; "
+    print(f"{args.records} records, {len(perm)} random reads per pass (--consume {args.consume}), best of "
+          f"{args.repeat} passes; "
           f"CPU: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, numpy "
           f"{np.__version__}, lmdb {lmdb.__version__}, h5py {h5py.__version__}, msgpack "
           f"{'.'.join(map(str, msgpack.version))}; load average {load_before[0]:.2f} before, "

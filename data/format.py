@@ -10,9 +10,9 @@ and decodes into numpy views of the value buffer (no copy). Decoding untrusted b
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 import xxhash
@@ -30,6 +30,7 @@ _HEADER = struct.Struct("<4sHHIIIIIIBBHIQ")
 HEADER_SIZE = _HEADER.size  # 48
 CHECKSUM_SIZE = 8
 ALIGN = 16
+_U64 = struct.Struct("<Q")
 
 FEATURE_DTYPES = {1: np.dtype("<f2"), 2: np.dtype("<f4")}
 FEATURE_DTYPE_CODES = {"float16": 1, "float32": 2}
@@ -41,20 +42,41 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
-@dataclass(frozen=True, slots=True)
 class Record:
-    """One image's regions. Arrays are read-only views of the stored bytes unless copied."""
+    """One image's regions. Arrays are read-only views of the stored bytes unless copied.
 
-    id: str
-    width: int
-    height: int
-    boxes: np.ndarray  # (N, 4) float32, x1 y1 x2 y2 in original-image pixels
-    features: np.ndarray  # (N, D) float16 or float32, region features
-    class_probs: np.ndarray | None  # (N, C) float16, detector distribution, background at 0
-    loc5: np.ndarray  # (N, 5) float32 [x1/W, y1/H, x2/W, y2/H, w*h/(W*H)]
-    loc7: np.ndarray  # (N, 7) float32 [x1/W, y1/H, x2/W, y2/H, w/W, h/H, (w/W)*(h/H)]
-    attr_probs: np.ndarray | None = None  # (N, A) float16
-    extra: dict | None = None  # small per-record JSON object (source file, row, ...)
+    id, width, height     the image (original pixels, upright)
+    boxes                 (N, 4) float32, x1 y1 x2 y2 in original-image pixels
+    features              (N, D) float16 or float32, region features
+    class_probs           (N, C) float16, the detector's distribution, background at 0; None if absent
+    loc5                  (N, 5) float32 [x1/W, y1/H, x2/W, y2/H, w*h/(W*H)]
+    loc7                  (N, 7) float32 [x1/W, y1/H, x2/W, y2/H, w/W, h/H, (w/W)*(h/H)]
+    attr_probs            (N, A) float16, or None
+    extra                 small per-record JSON object (source file, row, ...), or None; parsed on access
+    """
+
+    __slots__ = ("id", "width", "height", "boxes", "features", "class_probs", "loc5", "loc7", "attr_probs",
+                 "_extra")
+
+    def __init__(self, id, width, height, boxes, features, class_probs, loc5, loc7, attr_probs=None,
+                 extra=None):
+        self.id, self.width, self.height = id, width, height
+        self.boxes, self.features, self.class_probs = boxes, features, class_probs
+        self.loc5, self.loc7, self.attr_probs, self._extra = loc5, loc7, attr_probs, extra
+
+    @property
+    def extra(self) -> dict | None:
+        e = self._extra
+        if e is None or isinstance(e, dict):
+            return e
+        try:  # stored bytes: parse once, on first access (most readers never look)
+            e = json.loads(bytes(e).decode("utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise CorruptRecordError(self.id, f"extra field is not valid UTF-8 JSON: {err}") from None
+        if not isinstance(e, dict):
+            raise CorruptRecordError(self.id, "extra field is not a JSON object")
+        self._extra = e
+        return e
 
     @property
     def num_boxes(self) -> int:
@@ -63,9 +85,14 @@ class Record:
     def copy(self) -> Record:
         """A record whose arrays own writable memory (safe to keep after the reader is gone)."""
         c = lambda a: None if a is None else np.array(a)  # noqa: E731
+        extra = self.extra
         return Record(self.id, self.width, self.height, c(self.boxes), c(self.features),
                       c(self.class_probs), c(self.loc5), c(self.loc7), c(self.attr_probs),
-                      None if self.extra is None else dict(self.extra))
+                      None if extra is None else dict(extra))
+
+    def __repr__(self) -> str:
+        return (f"Record(id={self.id!r}, {self.width}x{self.height}, boxes={self.num_boxes}, "
+                f"features={self.features.shape[1]}x{self.features.dtype})")
 
 
 def encode_key(image_id: str) -> bytes:
@@ -95,24 +122,27 @@ def record_checksum(key: bytes, body) -> int:
     return xxhash.xxh3_64_intdigest(body, seed=xxhash.xxh3_64_intdigest(key))
 
 
-def _sections(n: int, d: int, c: int, a: int, fcode: int, extra_len: int):
-    """Yield (name, offset, dtype, shape, nbytes) of each section; the last item is ('end', offset)."""
+@functools.lru_cache(maxsize=8192)
+def _array_layout(n: int, d: int, c: int, a: int, fcode: int):
+    """((name, offset, dtype, shape), ...) of the array sections, and where they end (aligned)."""
     off = HEADER_SIZE
-    fdt = FEATURE_DTYPES[fcode]
-    layout = [("boxes", _F4, (n, 4)), ("loc5", _F4, (n, 5)), ("loc7", _F4, (n, 7)), ("features", fdt, (n, d))]
+    layout = [("boxes", _F4, (n, 4)), ("loc5", _F4, (n, 5)), ("loc7", _F4, (n, 7)),
+              ("features", FEATURE_DTYPES[fcode], (n, d))]
     if c:
         layout.append(("class_probs", _F2, (n, c)))
     if a:
         layout.append(("attr_probs", _F2, (n, a)))
     out = []
     for name, dt, shape in layout:
-        nbytes = shape[0] * shape[1] * dt.itemsize
-        out.append((name, off, dt, shape, nbytes))
-        off = _align(off + nbytes)
-    if extra_len:
-        out.append(("extra", off, None, None, extra_len))
-        off = _align(off + extra_len)
-    return out, off
+        out.append((name, off, dt, shape))
+        off = _align(off + shape[0] * shape[1] * dt.itemsize)
+    return tuple(out), off
+
+
+def _record_end(n: int, d: int, c: int, a: int, fcode: int, extra_len: int) -> tuple[tuple, int, int]:
+    """(array layout, offset of the extra section, end of the last section = checksum offset)."""
+    layout, arrays_end = _array_layout(n, d, c, a, fcode)
+    return layout, arrays_end, _align(arrays_end + extra_len) if extra_len else arrays_end
 
 
 def encode_record(
@@ -137,64 +167,67 @@ def encode_record(
         "boxes": boxes, "loc5": loc5, "loc7": loc7, "features": features,
         "class_probs": class_probs, "attr_probs": attr_probs,
     }
-    sections, end = _sections(n, d, c, a, fcode, len(extra_bytes))
+    layout, extra_off, end = _record_end(n, d, c, a, fcode, len(extra_bytes))
     buf = bytearray(end + CHECKSUM_SIZE)
     _HEADER.pack_into(buf, 0, MAGIC, RECORD_VERSION, HEADER_SIZE, width, height, n, d, c, a, fcode, 0, 0,
                       len(extra_bytes), 0)
-    for name, off, dt, shape, nbytes in sections:
-        if name == "extra":
-            buf[off:off + nbytes] = extra_bytes
-        else:
-            buf[off:off + nbytes] = np.ascontiguousarray(arrays[name], dtype=dt).reshape(shape).tobytes()
+    for name, off, dt, shape in layout:
+        data = np.ascontiguousarray(arrays[name], dtype=dt).reshape(shape).tobytes()
+        buf[off:off + len(data)] = data
+    buf[extra_off:extra_off + len(extra_bytes)] = extra_bytes
     struct.pack_into("<Q", buf, end, record_checksum(key, memoryview(buf)[:end]))
     return bytes(buf)
 
 
-def decode_record(key: bytes, value, verify: bool = True, image_id: str | None = None) -> Record:
+def decode_record(key: bytes, value, verify: bool = True, image_id: str | None = None,
+                  expect: tuple[int, int] | None = None) -> Record:
     """Bytes (or a buffer such as an LMDB memoryview) -> Record of zero-copy views.
 
+    expect: the shard's (feature dim, number of classes), checked against the header.
     Raises CorruptRecordError for anything that is not a well-formed record, whatever the bytes."""
-    name = image_id if image_id is not None else key.decode("utf-8", "replace")
     mv = memoryview(value)
     size = mv.nbytes
     if size < HEADER_SIZE + CHECKSUM_SIZE:
-        raise CorruptRecordError(name, f"record is {size} bytes, shorter than the {HEADER_SIZE}-byte header")
+        raise CorruptRecordError(_name(key, image_id),
+                                 f"record is {size} bytes, shorter than the {HEADER_SIZE}-byte header")
     (magic, version, header_size, width, height, n, d, c, a, fcode, _flags, _r0, extra_len,
      _r1) = _HEADER.unpack_from(mv, 0)
-    if magic != MAGIC:
-        raise CorruptRecordError(name, f"bad magic {magic!r} (expected {MAGIC!r}); not a regionbert record")
-    if version != RECORD_VERSION or header_size != HEADER_SIZE:
-        raise CorruptRecordError(
-            name, f"record version {version} / header size {header_size}: this reader knows version "
-            f"{RECORD_VERSION} with a {HEADER_SIZE}-byte header; upgrade regionbert")
-    if fcode not in FEATURE_DTYPES:
-        raise CorruptRecordError(name, f"unknown feature dtype code {fcode}")
-    if width == 0 or height == 0:
-        raise CorruptRecordError(name, f"image size {width}x{height} is empty")
-    sections, end = _sections(n, d, c, a, fcode, extra_len)
+    if magic != MAGIC or version != RECORD_VERSION or header_size != HEADER_SIZE or fcode not in FEATURE_DTYPES \
+            or not width or not height:
+        raise CorruptRecordError(_name(key, image_id), _header_problem(magic, version, header_size, fcode,
+                                                                       width, height))
+    layout, extra_off, end = _record_end(n, d, c, a, fcode, extra_len)
     if end + CHECKSUM_SIZE != size:
-        raise CorruptRecordError(
-            name, f"record is {size} bytes but its header (N={n}, D={d}, C={c}, A={a}) implies "
-            f"{end + CHECKSUM_SIZE}; truncated or corrupt")
+        raise CorruptRecordError(_name(key, image_id), f"record is {size} bytes but its header (N={n}, D={d}, "
+                                 f"C={c}, A={a}) implies {end + CHECKSUM_SIZE}; truncated or corrupt")
+    if expect is not None and (d, c) != expect:
+        raise CorruptRecordError(_name(key, image_id), f"dims D={d}, C={c} disagree with the shard's "
+                                 f"D={expect[0]}, C={expect[1]}")
     if verify:
-        (stored,) = struct.unpack_from("<Q", mv, end)
-        actual = record_checksum(key, mv[:end])
+        stored = _U64.unpack_from(mv, end)[0]
+        actual = xxhash.xxh3_64_intdigest(mv[:end], seed=xxhash.xxh3_64_intdigest(key))
         if stored != actual:
-            raise CorruptRecordError(name, f"checksum mismatch (stored {stored:016x}, computed {actual:016x})")
-    out = {"class_probs": None, "attr_probs": None, "extra": None}
-    for sec, off, dt, shape, nbytes in sections:
-        if sec == "extra":
-            try:
-                extra = json.loads(bytes(mv[off:off + nbytes]).decode("utf-8"))
-            except (ValueError, RecursionError) as e:
-                raise CorruptRecordError(name, f"extra field is not valid UTF-8 JSON: {e}") from None
-            if not isinstance(extra, dict):
-                raise CorruptRecordError(name, "extra field is not a JSON object")
-            out["extra"] = extra
-        else:
-            out[sec] = np.frombuffer(mv, dtype=dt, count=shape[0] * shape[1], offset=off).reshape(shape)
-    return Record(name, width, height, out["boxes"], out["features"], out["class_probs"], out["loc5"],
-                  out["loc7"], out["attr_probs"], out["extra"])
+            raise CorruptRecordError(_name(key, image_id),
+                                     f"checksum mismatch (stored {stored:016x}, computed {actual:016x})")
+    arrays = [np.ndarray(shape, dt, mv, off) for _, off, dt, shape in layout]
+    extra = mv[extra_off:extra_off + extra_len] if extra_len else None
+    return Record(_name(key, image_id), width, height, arrays[0], arrays[3], arrays[4] if c else None,
+                  arrays[1], arrays[2], arrays[-1] if a else None, extra)
+
+
+def _name(key: bytes, image_id: str | None) -> str:
+    return image_id if image_id is not None else key.decode("utf-8", "replace")
+
+
+def _header_problem(magic, version, header_size, fcode, width, height) -> str:
+    if magic != MAGIC:
+        return f"bad magic {magic!r} (expected {MAGIC!r}); not a regionbert record"
+    if version != RECORD_VERSION or header_size != HEADER_SIZE:
+        return (f"record version {version} / header size {header_size}: this reader knows version "
+                f"{RECORD_VERSION} with a {HEADER_SIZE}-byte header; upgrade regionbert")
+    if fcode not in FEATURE_DTYPES:
+        return f"unknown feature dtype code {fcode}"
+    return f"image size {width}x{height} is empty"
 
 
 def stored_checksum(value) -> int:

@@ -65,6 +65,8 @@ class _Handle:
         except ValueError:
             raise ShardError(f"{self.path}: shard state is not valid JSON") from None
         self.complete = bool(self.state.get("complete"))
+        names = self.meta["class_names"]
+        self.expect = (self.meta["feature_dim"], 0 if names is None else len(names))  # (D, C) of every record
         if self.complete and self.env is None:
             self.env, self.dbs = _open_env(self.path, lock=False)
         self.gen += 1
@@ -96,9 +98,11 @@ class _Handle:
             with self.snapshot(buffers=False) as tables:
                 return tables[0].get(key, db=tables[1 + table])
         local = self._local
-        if getattr(local, "gen", None) != self.gen:  # long-lived per thread: handed-out views stay valid
-            local.txn, local.gen = self._begin(True), self.gen
-        return local.txn.get(key, db=self.dbs[table])
+        txn = local.__dict__.get("txn")
+        if txn is None or local.gen != self.gen:  # long-lived per thread: handed-out views stay valid
+            txn = local.txn = self._begin(True)
+            local.gen = self.gen
+        return txn.get(key, db=self.dbs[table])
 
 
 _HANDLES: dict[str, _Handle] = {}  # by path, and by file identity (LMDB allows one open per file)
@@ -139,7 +143,8 @@ def open_for_reading_here(path: str) -> bool:
 class ShardReader(Sequence):
     """Random access to one shard by integer index (insertion order) or by image id.
 
-    verify: check every record's checksum as it is read (default; costs ~2% of a read).
+    verify: check every record's checksum as it is read (default). XXH3 runs at memory speed, so this
+            costs about what one copy of the record would; see bench/README.md.
     copy:   return arrays that own writable memory instead of read-only views of the map.
     """
 
@@ -200,20 +205,14 @@ class ShardReader(Sequence):
         return self._handle().get(key, 0)
 
     def _read(self, key: bytes) -> Record:
-        h = self._handle()
+        h = _HANDLES.get(self.path) or self._handle()
         value = h.get(key, 0)
         if value is None:
             raise KeyError(f"{self.path}: no record {key.decode('utf-8', 'replace')!r}")
         try:
-            rec = decode_record(key, value, verify=self.verify)
+            rec = decode_record(key, value, self.verify, None, h.expect)
         except CorruptRecordError as e:
             raise e.at(self.path) from None
-        meta = h.meta
-        c = len(meta["class_names"]) if meta["class_names"] is not None else 0
-        if rec.features.shape[1] != meta["feature_dim"] or (0 if rec.class_probs is None else
-                                                            rec.class_probs.shape[1]) != c:
-            raise CorruptRecordError(rec.id, f"dims (D={rec.features.shape[1]}, C={c}) disagree with the "
-                                     "shard metadata", self.path)
         return rec.copy() if self.copy else rec
 
 

@@ -51,13 +51,17 @@ def synth_record(rng: np.random.Generator, prototypes: np.ndarray, min_boxes: in
 
 def write_synthetic_shard(path: str, num_records: int, feature_dim: int = 1024, min_boxes: int = 10,
                           max_boxes: int = 100, seed: int = 0, feature_dtype: str = "float16",
-                          id_prefix: str = "synth", progress=None) -> int:
-    """Write (or resume) a synthetic shard; returns the number of records added."""
+                          id_prefix: str = "synth", progress=None, classes: list[int] | None = None) -> int:
+    """Write (or resume) a synthetic shard; returns the number of records added.
+
+    classes: the COCO class indices objects are drawn from (default: all real classes)."""
     rng = np.random.default_rng(seed)
     prototypes = rng.gamma(1.0, 1.0, (len(COCO_CLASSES), feature_dim)).astype(np.float32)
     extractor = {"name": "regionbert.data.synth", "detector": "synthetic", "weights": None,
                  "weights_digest": None, "box_policy": "synthetic", "boxes": "synthetic",
                  "settings": {"seed": seed, "min_boxes": min_boxes, "max_boxes": max_boxes}}
+    if classes is not None:
+        extractor["settings"]["classes"] = [int(c) for c in classes]
     added = 0
     with ShardWriter(path, feature_dim=feature_dim, class_names=COCO_CLASSES, feature_dtype=feature_dtype,
                      extractor=extractor) as w:
@@ -66,7 +70,7 @@ def write_synthetic_shard(path: str, num_records: int, feature_dim: int = 1024, 
             rec_rng = np.random.default_rng([seed, i])  # per-record streams: resume gives the same data
             if image_id in w:
                 continue
-            added += w.add(image_id, **synth_record(rec_rng, prototypes, min_boxes, max_boxes))
+            added += w.add(image_id, **synth_record(rec_rng, prototypes, min_boxes, max_boxes, classes=classes))
             if progress:
                 progress(1)
     return added
