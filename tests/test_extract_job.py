@@ -2,7 +2,6 @@
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from regionbert.data import ShardReader, ShardSet, build_index, location_vectors
+from regionbert.data import ShardError, ShardReader, ShardSet, build_index, location_vectors
 from regionbert.data.reader import _handle
 from regionbert.extract.cli import main
 from regionbert.extract.images import decode_image, partition, read_manifest, shard_from_env
@@ -208,8 +207,11 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if os.path.exists(os.path.join(shard, "data.mdb")) and _handle(shard, refresh=True).count >= 6:
-            break
+        try:
+            if _handle(shard, refresh=True).count >= 6:
+                break
+        except ShardError:  # not created yet, or its tables not yet committed
+            pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
