@@ -1,0 +1,41 @@
+"""Image-text matching, with word-region alignment by optimal transport (UNITER).
+
+ITM: half the pairs in an ITM batch had their image swapped for another one (train/data.py);
+a 2-way classifier on the pooled [CLS] output says which pairs match (itm_labels 1) and which don't.
+WRA: the optimal-transport distance between the caption's words and the image's regions
+(train/ot.py) should be small for matching pairs and large for the others:
+    wra = (sum of distances over matches - sum over mismatches) / B, times a weight (0.1).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model import EncoderOutput, ModelConfig
+from ..ot import ot_distance
+
+
+def word_and_region_validity(batch: dict, L: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) True on words (not [CLS], [SEP] or padding), (B, N) True on real regions."""
+    t, r = torch.arange(L, device=device), torch.arange(N, device=device)
+    words = (t >= 1) & (t < (batch["text_lens"] - 1).unsqueeze(1))
+    return words, r < batch["region_lens"].unsqueeze(1)
+
+
+class ITMHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, word_embeddings: nn.Embedding | None = None, wra_weight: float = 0.1,
+                 wra_iterations: int = 50, wra_beta: float = 0.5):
+        super().__init__()
+        self.classify = nn.Linear(cfg.hidden_size, 2)
+        self.wra_weight, self.wra_iterations, self.wra_beta = wra_weight, wra_iterations, wra_beta
+
+    def forward(self, out: EncoderOutput, batch: dict) -> dict:
+        labels = batch["itm_labels"]  # (B,) 1 = the caption's own image, 0 = another image
+        losses = {"itm": F.cross_entropy(self.classify(out.pooled), labels)}
+        if self.wra_weight:
+            words, regions = word_and_region_validity(batch, out.text.shape[1], out.regions.shape[1], labels.device)
+            dist = ot_distance(out.text, out.regions, words, regions, self.wra_beta, self.wra_iterations)  # (B,)
+            usable = words.any(1) & regions.any(1)  # a pair with no words or no boxes aligns nothing
+            sign = torch.where(labels == 1, 1.0, -1.0)
+            losses["wra"] = self.wra_weight * (sign * dist * usable).sum() / labels.numel()
+        return losses
