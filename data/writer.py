@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import lmdb
 import numpy as np
@@ -26,7 +26,7 @@ PROB_SUM_TOLERANCE = 0.02  # float16 rounding over ~1600 classes stays well insi
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def order_key(index: int) -> bytes:
