@@ -121,6 +121,29 @@ def summarize(path: str) -> dict:
     }
 
 
+def compact_copy(src: str, dst: str) -> str:
+    """Publish a complete shard: a compacting copy (free pages dropped, pages in order) to dst, checked
+    by content hash. Written to dst + '.partial' and renamed, so dst is whole or absent."""
+    src = os.path.abspath(src)
+    h = _handle(src, refresh=True)
+    if not h.complete or h.env is None:
+        raise ShardError(f"{src}: shard is incomplete (its writer did not finish); finish it before publishing")
+    if os.path.exists(dst):
+        raise ShardError(f"{dst}: already exists; copy to a new path")
+    tmp = dst.rstrip("/") + ".partial"
+    if os.path.exists(tmp):
+        import shutil
+
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    h.env.copy(tmp, compact=True)
+    expected, got = content_hash(src), content_hash(tmp)
+    if got != expected:
+        raise ShardError(f"{tmp}: copy's content hash {got} differs from the source's {expected}")
+    os.replace(tmp, dst)
+    return got
+
+
 # ---- the index: one JSON file over many shards -----------------------------------------------------
 
 
