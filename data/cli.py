@@ -1,4 +1,5 @@
-"""`regionbert-shards`: inspect, verify, index and synthesize region-feature shards."""
+"""`regionbert-shards`: inspect, verify, index and synthesize region-feature shards; import and export foreign
+feature formats (TSV, npz, HDF5) and normalise caption files (docs/formats.md)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,90 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _lines(path: str | None) -> list[str] | None:
+    if path is None:
+        return None
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def cmd_import(args) -> int:
+    from .convert import open_source, run_import
+
+    source = open_source(args.inputs, args.source_format, sizes=args.sizes, class_names=_lines(args.class_names),
+                         no_class_probs=args.no_class_probs, feature_dim=args.feature_dim, chunk_rows=args.chunk_rows)
+    r = run_import(source, args.out, on_error=args.on_error, report=args.report, n_jobs=args.jobs,
+                   feature_dtype=args.dtype, progress=not args.quiet, commit_every=args.commit_every)
+    print(f"imported into {args.out}: {r.added} records added, {r.skipped_existing} already there, "
+          f"{len(r.bad)} bad rows skipped")
+    if r.bad:
+        for b in r.bad[:10]:
+            print(f"  bad: {b['file']}{'' if b['row'] is None else ' row ' + str(b['row'])}: {b['reason']}")
+        print(f"  all {len(r.bad)} listed in {r.report}")
+    return 1 if r.bad else 0
+
+
+def cmd_export(args) -> int:
+    from .convert import export
+
+    n = export(args.shards, args.out, args.to, max_boxes=args.max_boxes, progress=not args.quiet)
+    print(f"wrote {args.out}: {n} records as {args.to}")
+    return 0
+
+
+def cmd_captions(args) -> int:
+    from .convert.captions import convert_captions
+
+    report = convert_captions(args.inputs, args.out, key=args.key, split=args.split, shards=args.shards,
+                              drop_missing=args.drop_missing, report_path=args.report)
+    print(report.summary())
+    return 0
+
+
+def _add_convert_commands(sub) -> None:
+    from .convert import EXPORT_FORMATS, IMPORT_FORMATS
+
+    s = sub.add_parser("import", help="bottom-up-attention / LXMERT TSV, UNITER npz folder or HDF5 -> a shard")
+    s.add_argument("inputs", nargs="+", help="TSV file(s) of one format, one npz folder, or one HDF5 file")
+    s.add_argument("-o", "--out", required=True, help="shard folder to write (resumed if it exists)")
+    s.add_argument("--from", dest="source_format", choices=["auto", *IMPORT_FORMATS], default="auto",
+                   help="source format (default: detect: folder = npz, HDF5 signature, TSV field count)")
+    s.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                   help="a bad row stops the import (default), or is skipped and listed in --report")
+    s.add_argument("--report", help="JSONL of skipped rows (default OUT.import-errors.jsonl)")
+    s.add_argument("-j", "--jobs", type=int, default=-1, help="decoding processes (default: all cores)")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="stored feature type (default float16; HDF5 from our export keeps its own)")
+    s.add_argument("--sizes", help="npz: CSV/TSV/JSONL/JSON with image_id,width,height (npz stores no image size)")
+    s.add_argument("--class-names", help="npz: text file, one class name per line, background first")
+    s.add_argument("--no-class-probs", action="store_true", help="npz: do not store soft_labels")
+    s.add_argument("--feature-dim", type=int, help="TSV: feature dim, if the first rows have no boxes")
+    s.add_argument("--chunk-rows", type=int, default=8,
+                   help="TSV lines per block: each worker reads and parses one block at a time (bounds memory)")
+    s.add_argument("--commit-every", type=int, default=256, help="records per commit (a kill -9 loses at most these)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_import)
+
+    s = sub.add_parser("export", help="shards -> HDF5 (ours or padded), LXMERT / bottom-up-attention TSV, npz")
+    s.add_argument("shards", nargs="+", help="shard folders, folders of shards, or index files")
+    s.add_argument("-o", "--out", required=True, help="file to write (a folder for uniter_npz)")
+    s.add_argument("--to", choices=EXPORT_FORMATS, required=True)
+    s.add_argument("--max-boxes", type=int, help="padded_hdf5: pad to this many boxes (default: the largest record)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("captions", help="COCO / Karpathy JSON or a table -> the trainer's caption manifest")
+    s.add_argument("inputs", nargs="+", help="captions_*.json, dataset_*.json (Karpathy), .csv/.tsv/.jsonl/.parquet")
+    s.add_argument("-o", "--out", required=True, help="manifest to write: .csv, .tsv, .jsonl or .parquet")
+    s.add_argument("--key", help="shard key template, e.g. '{stem}' (default), '{id}', '{filepath}/{stem}', "
+                   "'coco/{id:012d}'; table inputs: their columns")
+    s.add_argument("--split", help="split for every caption (default: Karpathy's, or from captions_<split>.json)")
+    s.add_argument("--shards", nargs="+", help="report captions without features and features without captions")
+    s.add_argument("--drop-missing", action="store_true", help="leave out captions whose image is in no shard")
+    s.add_argument("--report", help="write the full report (JSON) here")
+    s.set_defaults(fn=cmd_captions)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="regionbert-shards", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -119,10 +204,12 @@ def main(argv=None) -> int:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_synth)
 
+    _add_convert_commands(sub)
+
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except ShardError as e:
+    except ShardError as e:  # ConvertError included
         print(f"regionbert-shards {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 
