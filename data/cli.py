@@ -127,6 +127,55 @@ def cmd_captions(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    from .reader import ShardSet
+    from .show import draw_record, find_image
+
+    shards = ShardSet(args.shards, check_settings=False)
+    if args.id is not None:
+        shard = next((s for s in shards.shards if args.id in s), None)
+        if shard is None:
+            raise ShardError(f"{args.shards}: no record {args.id!r}")
+        rec = shard.get(args.id)
+    else:
+        shard, local = shards.locate(args.index)
+        rec = shard[local]
+    path = find_image(rec, shard.meta, args.image, args.root)
+    draw_record(rec, path, shard.meta["class_names"], top=args.top).save(args.out)
+    print(f"wrote {args.out}: {rec.id} ({rec.width}x{rec.height}, {min(rec.num_boxes, args.top)} of "
+          f"{rec.num_boxes} boxes) over {path}")
+    return 0
+
+
+def cmd_copy(args) -> int:
+    from .index import compact_copy
+
+    digest = compact_copy(args.src, args.dst)
+    before = os.path.getsize(os.path.join(args.src, "data.mdb"))
+    after = os.path.getsize(os.path.join(args.dst, "data.mdb"))
+    print(f"wrote {args.dst}: {after / 2**20:.1f} MiB (source {before / 2**20:.1f} MiB), same content {digest}")
+    return 0
+
+
+def _add_publish_commands(sub) -> None:
+    s = sub.add_parser("show", help="draw a record's image with its stored boxes and top class labels (PNG)")
+    s.add_argument("shards", help="a shard, a folder of shards or an index file")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--id", help="image id (default: the record at --index)")
+    which.add_argument("--index", type=int, default=0, help="record number (default 0)")
+    s.add_argument("-o", "--out", required=True, help="PNG to write")
+    s.add_argument("--image", help="the image file (default: found from the id under --root or the folder "
+                                   "the extractor read, as the shard records it)")
+    s.add_argument("--root", help="folder the image ids are relative to")
+    s.add_argument("--top", type=int, default=20, help="draw this many boxes, best first")
+    s.set_defaults(fn=cmd_show)
+
+    s = sub.add_parser("copy", help="publish a shard: a compacting copy, checked by content hash")
+    s.add_argument("src")
+    s.add_argument("dst", help="new shard folder (written as DST.partial, then renamed)")
+    s.set_defaults(fn=cmd_copy)
+
+
 def _add_convert_commands(sub) -> None:
     from .convert import EXPORT_FORMATS, IMPORT_FORMATS
 
@@ -205,6 +254,7 @@ def main(argv=None) -> int:
     s.set_defaults(fn=cmd_synth)
 
     _add_convert_commands(sub)
+    _add_publish_commands(sub)
 
     args = p.parse_args(argv)
     try:

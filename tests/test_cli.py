@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from regionbert.data import ShardReader
@@ -97,3 +98,36 @@ def test_random_damage_to_the_lmdb_file_never_crashes_verify(tmp_path):
         assert r.returncode in (0, 1, 2), f"trial {t}: exit {r.returncode}\n{r.stderr[-500:]}"
         codes.append(r.returncode)
     assert codes.count(1) >= 6  # most damage is reported, not silently passed
+
+
+def test_show_draws_the_boxes_over_the_image(tmp_path, capsys):
+    from PIL import Image
+
+    from regionbert.data import ShardWriter
+    from regionbert.data.synth import COCO_CLASSES
+
+    Image.new("RGB", (200, 100), (255, 255, 255)).save(tmp_path / "img.png")
+    probs = np.full((1, len(COCO_CLASSES)), 0.01 / (len(COCO_CLASSES) - 1))
+    probs[0, 18] = 0.99  # a confident dog
+    with ShardWriter(tmp_path / "s", feature_dim=8, class_names=COCO_CLASSES) as w:
+        w.add("img", width=200, height=100, boxes=[[20, 10, 120, 90]], features=np.zeros((1, 8)), class_probs=probs)
+    out = tmp_path / "show.png"
+    assert main(["show", str(tmp_path / "s"), "--id", "img", "--root", str(tmp_path), "-o", str(out)]) == 0
+    assert "1 of 1 boxes" in capsys.readouterr().out
+    with Image.open(out) as im:
+        scale = im.size[0] / 200  # small images are drawn at least 640 wide
+        px = np.asarray(im.convert("RGB"))
+    assert im.size == (640, 320)
+    edge = px[int(50 * scale), int(20 * scale)]  # on the box's left edge, below its label
+    assert tuple(edge) != (255, 255, 255) and tuple(px[5, 630]) == (255, 255, 255)
+    assert main(["show", str(tmp_path / "s"), "--id", "nope", "-o", str(out)]) == 2
+
+
+def test_copy_publishes_a_compact_identical_shard(small_shard, tmp_path, capsys):
+    dst = tmp_path / "pub" / "shard-000"
+    assert main(["copy", small_shard, str(dst)]) == 0
+    from regionbert.data import content_hash
+
+    assert content_hash(str(dst)) == content_hash(small_shard)
+    assert "same content" in capsys.readouterr().out and not (tmp_path / "pub" / "shard-000.partial").exists()
+    assert main(["copy", small_shard, str(dst)]) == 2  # never over an existing shard
