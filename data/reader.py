@@ -32,7 +32,9 @@ def _open_env(path: str, lock: bool):
         env = lmdb.open(path, subdir=True, readonly=True, lock=lock, readahead=False, max_dbs=3,
                         max_readers=1024)
     except lmdb.Error as e:
-        raise ShardError(f"{path}: cannot open shard: {e}") from None
+        hint = (" (each shard read keeps one file open for the life of the process: raise `ulimit -n`, or use "
+                "fewer, larger shards)" if "Too many open files" in str(e) else "")
+        raise ShardError(f"{path}: cannot open shard: {e}{hint}") from None
     try:
         dbs = tuple(env.open_db(n, create=False) for n in (DB_RECORDS, DB_ORDER, DB_META))
     except lmdb.Error:
