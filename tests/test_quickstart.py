@@ -14,7 +14,8 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     assert "RANDOM weights" in r.stdout  # honest about the offline detector
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == 24 and summary["failed"] == 0 and summary["content_hash"].startswith("xxh3_128:")
-    assert set(summary["eval"]) >= {"itm_acc", "mlm_acc"}
+    assert set(summary["eval"]) >= {"itm_acc", "mlm_acc", "t2i_r1", "i2t_r10"}
+    assert (out / "run" / "curves.png").stat().st_size > 10_000  # the training curves, drawn
     with Image.open(out / "example_regions.png") as im:
         assert im.size[0] >= 640 and im.getextrema() != ((0, 0), (0, 0), (0, 0))
     assert (out / "run" / "checkpoint.pt").exists() and (out / "run" / "log.jsonl").exists()

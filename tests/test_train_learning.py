@@ -8,6 +8,7 @@ prototype plus noise and the detector's distribution peaks on that class; captio
 - a masked region's class is named far above chance (its own feature is hidden: from context).
 """
 
+import json
 import os
 import time
 
@@ -73,7 +74,18 @@ def test_run_reports_progress_per_task(trained):
     last = trained["last"]
     assert {"itm", "wra", "mlm", "mrc", "mrc_kl", "mrfr"} <= set(last), last
     assert last["samples_per_s"] > 0 and 0 <= last["pad_fraction"] < 0.15
-    assert trained["seconds"] < 170, f"training took {trained['seconds']:.0f}s"
+    assert trained["seconds"] < 180, f"training and evaluation took {trained['seconds']:.0f}s"
+
+
+def test_zero_shot_retrieval_on_held_out_images_beats_chance(trained):
+    # the run's own evaluation after its last step: 100 held-out images x their 200 captions, by the ITM head
+    log = [json.loads(line) for line in open(os.path.join(trained["cfg"].run.out, "log.jsonl"))]
+    m = [r for r in log if "eval" in r][-1]["eval"]
+    print({k: round(v, 3) for k, v in m.items()})
+    assert m["retrieval_images"] == 100 and m["retrieval_captions"] == 200
+    # chance: R@k = k / 100; measured R@1 ~0.75 (captions name 1-4 of 20 classes: some images fit a caption alike)
+    assert m["t2i_r1"] >= 0.3 and m["t2i_r10"] >= 0.7 and m["i2t_r1"] >= 0.3 and m["i2t_r10"] >= 0.7, m  # ~0.75, 0.98
+    assert m["itm_acc"] >= 0.9 and m["mrc_acc"] >= 0.3, m
 
 
 def test_itm_accuracy_on_held_out_pairs(trained):

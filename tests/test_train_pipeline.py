@@ -161,7 +161,14 @@ def test_pretrain_command_runs_resumes_and_saves_everything(data, tmp_path, caps
     vocab_size = len(open(data["tokenizer"]).read().split())
     assert resolved["model"]["feature_dim"] == 16 and resolved["model"]["vocab_size"] == vocab_size
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [2, 4] and all("data_wait" in r for r in log)
+    train = [r for r in log if "lr" in r]
+    assert [r["step"] for r in train] == [2, 4] and all("data_wait" in r and "eta_s" in r for r in train)
+    held_out = [r for r in log if "eval" in r]  # the manifest's 'val' rows, after the last step
+    assert [r["step"] for r in held_out] == [4]
+    assert {"mlm_acc", "itm_acc", "mrc_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"} <= \
+        set(held_out[0]["eval"])
+    assert "eval step 4: itm_acc" in printed and "retrieval (%)" in printed
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG" and (out / "checkpoints" / "step-00000004.pt").exists()
     state = load_checkpoint(str(out / "checkpoint.pt"))
     assert state["step"] == 4 and state["config"] == resolved
     before = state["model"]["encoder.pooler.weight"].clone()
@@ -176,6 +183,11 @@ def test_pretrain_command_reports_bad_input(data, tmp_path, capsys):
     assert "unknown setting 'model.layers'" in capsys.readouterr().err
     assert main([f"--set=data.{k}={v}" for k, v in data.items()] + ["--set=data.shards=/nonexistent"]) == 2
     assert "/nonexistent" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([f"--set=data.{k}={v}" for k, v in data.items()] + ["--set=run.precision=bf16"]) == 2
+        assert "run.precision=bf16 needs a CUDA device" in capsys.readouterr().err
+    assert main(["--set=run.precision=fp8"]) == 2
+    assert "run.precision must be fp32, bf16 or fp16" in capsys.readouterr().err
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint.pt: not a loadable regionbert checkpoint"):
         load_checkpoint(str(tmp_path / "checkpoint.pt"))

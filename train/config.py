@@ -30,6 +30,7 @@ class DataConfig:
     max_batch_size: int = 0  # 0: no limit but the budget
     num_workers: int = 2
     verify: bool = True  # check each record's checksum as it is read
+    eval_split: str | None = "val"  # held-out manifest rows for evaluation (None: no evaluation)
 
 
 @dataclass
@@ -62,9 +63,17 @@ class RunConfig:
     out: str = "runs/pretrain"
     seed: int = 0
     device: str = "auto"  # auto: cuda when available
-    precision: str = "fp32"  # fp32 or bf16 (autocast)
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + loss scaling); bf16/fp16 on CUDA only
+    init_from: str = ""  # a local Hugging Face BERT folder: text embeddings, encoder, pooler and MLM head
     log_every: int = 100  # steps
     checkpoint_every: int = 5000  # steps; 0: only at the end
+    keep_checkpoints: int = 2  # the newest N in RUN/checkpoints (0: all)
+    eval_every: int = 0  # steps; 0: only at the end
+    eval_pairs: int = 1000  # held-out captions for MLM / MRC / ITM accuracy
+    eval_images: int = 100  # held-out images for retrieval (all their captions); UNITER reports 1000
+    eval_batch_pairs: int = 512  # (caption, image) pairs scored per forward pass in retrieval
+    tensorboard: bool = True  # RUN/tensorboard when the tensorboard package is installed
+    plot: bool = True  # RUN/curves.png at the end of a run (matplotlib)
 
 
 @dataclass
@@ -171,6 +180,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         for k in ("captions", "tokenizer"):
             if d.get("data", {}).get(k):
                 d["data"][k] = os.path.join(base, d["data"][k])
+        if d.get("run", {}).get("init_from"):
+            d["run"]["init_from"] = os.path.join(base, d["run"]["init_from"])
         if isinstance(d.get("data", {}).get("shards"), (str, list)):
             s = d["data"]["shards"]
             d["data"]["shards"] = [os.path.join(base, p) for p in ([s] if isinstance(s, str) else s)]
@@ -185,13 +196,19 @@ def check(cfg: Config) -> None:
     ModelConfig(**dataclasses.asdict(cfg.model))  # re-runs its checks
     if cfg.tasks.masking not in ("conditional", "joint"):
         raise ValueError(f"tasks.masking must be conditional or joint, got {cfg.tasks.masking!r}")
-    if cfg.run.precision not in ("fp32", "bf16"):
-        raise ValueError(f"run.precision must be fp32 or bf16, got {cfg.run.precision!r}")
+    if cfg.run.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"run.precision must be fp32, bf16 or fp16, got {cfg.run.precision!r}")
     if not sum(cfg.tasks.mix.values()) > 0:
         raise ValueError(f"tasks.mix gives no task a positive ratio: {cfg.tasks.mix}")
     for k in ("steps", "accum_steps"):
         if getattr(cfg.optim, k) < 1:
             raise ValueError(f"optim.{k} must be >= 1")
+    for k in ("log_every", "eval_batch_pairs"):
+        if getattr(cfg.run, k) < 1:
+            raise ValueError(f"run.{k} must be >= 1")
+    for k in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_pairs", "eval_images"):
+        if getattr(cfg.run, k) < 0:
+            raise ValueError(f"run.{k} must be >= 0")
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -73,6 +73,13 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def regions(self, image: int) -> tuple[np.ndarray, np.ndarray]:
+        """An image's unmasked (features (n, D), locations (n, loc_dim)) as float32 (for retrieval)."""
+        rec = self.shards[int(self.pairs.pool[image])]
+        n = min(rec.num_boxes, self.max_regions)
+        return (np.array(rec.features[:n], dtype=np.float32),
+                np.array((rec.loc7 if self.loc_dim == 7 else rec.loc5)[:n], dtype=np.float32))
+
     def __getitem__(self, key) -> dict:
         task, p, other, seed = key
         rng = np.random.default_rng(seed)
@@ -179,10 +186,17 @@ class TaskSampler:
     image is swapped for another image with probability itm_neg_prob, drawn uniformly from the
     neg_window images nearest in box count on either side (0: from all images). Matching box counts
     keeps batches tight, and denies the model a shortcut: a negative's box count says nothing.
-    skip: batches to pass over (to resume a run where it stopped)."""
+    skip: batches to pass over (to resume a run where it stopped).
+
+    Distributed: an epoch's batches are dealt out in groups of world_size, batch g * world_size + rank
+    to each rank (a remainder smaller than a group is dropped, so every rank has as many steps). The
+    task of group g is drawn from an RNG seeded by (seed, epoch, g) only: every rank trains the same
+    task at the same step, so each step's gradients are of one objective, as in UNITER.
+    On one process this is the same stream as before sharding existed."""
 
     def __init__(self, buckets: TokenBucketSampler, pairs: Pairs, mix: dict, seed: int = 0,
-                 itm_neg_prob: float = 0.5, neg_window: int = 100, skip: int = 0):
+                 itm_neg_prob: float = 0.5, neg_window: int = 100, skip: int = 0, rank: int = 0,
+                 world_size: int = 1):
         self.tasks = [t for t, r in mix.items() if r > 0]
         if not self.tasks:
             raise ValueError(f"tasks.mix gives no task a positive ratio: {mix}")
@@ -191,25 +205,37 @@ class TaskSampler:
         if "itm" in self.tasks and pairs.num_images < 2:
             raise ValueError("ITM needs at least two images to make negatives")
         self.buckets, self.pairs, self.seed, self.neg_prob, self.skip = buckets, pairs, seed, itm_neg_prob, skip
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.process_rank, self.world_size = rank, world_size
         self.by_boxes = np.argsort(pairs.num_boxes, kind="stable")  # images by box count
         self.rank = np.empty_like(self.by_boxes)
         self.rank[self.by_boxes] = np.arange(len(self.by_boxes))
         self.window = neg_window if 0 < 2 * neg_window + 1 < pairs.num_images else 0
 
     def __iter__(self):
-        skip = self.skip
+        skip, W = self.skip, self.world_size
         for epoch in itertools.count():
             batches = self.buckets.batches(epoch)
-            if skip >= len(batches):
-                skip -= len(batches)
+            groups = len(batches) // W  # steps this epoch, the same on every rank
+            if groups == 0:
+                raise ValueError(f"an epoch has {len(batches)} batches, fewer than the {W} processes: "
+                                 "lower data.token_budget or use more data")
+            if skip >= groups:
+                skip -= groups
                 continue
-            for b, batch in enumerate(batches[skip:], start=skip):
-                yield self.keys(batch, epoch, b)
+            for g in range(skip, groups):
+                b = g * W + self.process_rank
+                yield self.keys(batches[b], epoch, b, g)
             skip = 0
 
-    def keys(self, batch: list[int], epoch: int, b: int) -> list[tuple]:
-        rng = np.random.default_rng([self.seed, epoch, b])
+    def keys(self, batch: list[int], epoch: int, b: int, group: int | None = None) -> list[tuple]:
+        """The dataset keys of batch b of an epoch; its task comes from its group (the step's batches)."""
+        group = b if group is None else group
+        rng = np.random.default_rng([self.seed, epoch, group])  # the same on every rank
         task = self.tasks[rng.choice(len(self.tasks), p=self.probs)]
+        if self.world_size > 1:  # negatives: this rank's own draws
+            rng = np.random.default_rng([self.seed, epoch, group, self.process_rank])
         other = np.full(len(batch), -1)
         if task == "itm":
             neg = rng.random(len(batch)) < self.neg_prob

@@ -1,19 +1,25 @@
-"""Build a run from its Config: shards, captions, tokenizer, loader, model, optimizer; then train."""
+"""Build a run from its Config: process group, shards, captions, tokenizer, loader, model, optimizer,
+evaluation data; resume from a checkpoint or start from a BERT; then train."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 
+import numpy as np
 import torch
 
 from regionbert.data import ShardSet
 
-from .checkpoint import load_checkpoint
+from .bert import apply_bert_config, bert_tokenizer, load_bert
+from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_run_checkpoint, set_rng_state
 from .config import Config, save_config
 from .data import PairDataset, Pairs, TaskSampler, TokenBucketSampler, collate
-from .loop import train
+from .distributed import Dist, close_distributed, digests_agree, gather_tensors, init_distributed
+from .evaluate import evaluate_held_out
+from .loop import autocast_for, train
 from .masking import REGION_TASKS
+from .metrics import Logger, trim_log
 from .model import num_parameters
 from .optim import build_optimizer, build_scheduler
 from .pretrainer import Pretrainer
@@ -23,6 +29,9 @@ from .text import Text
 def resolve_model(cfg: Config, shards: ShardSet, text: Text) -> None:
     """Fill in what the data decides: vocabulary size, feature dim, number of detector classes."""
     names = shards.meta["class_names"]
+    if cfg.run.init_from and text.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"data.tokenizer {text.path} has {text.vocab_size} tokens but the BERT in run.init_from "
+                         f"({cfg.run.init_from}) has {cfg.model.vocab_size}; use that BERT's vocab.txt")
     cfg.model.vocab_size, cfg.model.feature_dim = text.vocab_size, shards.meta["feature_dim"]
     cfg.model.num_classes = len(names) if names else 0
     wants_classes = [t for t in ("mrc", "mrc_kl") if cfg.tasks.mix.get(t, 0) > 0]
@@ -31,8 +40,9 @@ def resolve_model(cfg: Config, shards: ShardSet, text: Text) -> None:
                          f"({shards.shards[0].path}, ...) store none; set their ratios to 0")
 
 
-def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int | None = None):
-    """(pairs, dataset, buckets, loader) for one split of the manifest."""
+def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int | None = None, rank: int = 0,
+               world_size: int = 1):
+    """(pairs, dataset, buckets, loader) for one split of the manifest; the loader yields this rank's batches."""
     d = cfg.data
     if not d.shards or not d.captions or not d.tokenizer:
         raise ValueError("data.shards, data.captions and data.tokenizer must all be set")
@@ -44,11 +54,14 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
     buckets = TokenBucketSampler(pairs.lengths, d.token_budget, d.bucket_size, seed=cfg.run.seed,
                                  max_batch_size=d.max_batch_size or None)
     sampler = TaskSampler(buckets, pairs, cfg.tasks.mix, cfg.run.seed, cfg.tasks.itm_neg_prob,
-                          cfg.tasks.itm_neg_window, skip=skip)
+                          cfg.tasks.itm_neg_window, skip=skip, rank=rank, world_size=world_size)
     workers = d.num_workers if num_workers is None else num_workers
+    # the loader's own generator: creating its iterator must not draw from the global torch RNG (which
+    # drives dropout and is checkpointed), or a resumed run would drift from an uninterrupted one
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                          persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                                         pin_memory=torch.cuda.is_available())
+                                         pin_memory=torch.cuda.is_available(),
+                                         generator=torch.Generator().manual_seed(cfg.run.seed))
     return pairs, dataset, buckets, loader
 
 
@@ -57,40 +70,173 @@ def build_model(cfg: Config) -> Pretrainer:
     return Pretrainer(cfg.model, t.wra_weight, t.wra_iterations, t.wra_beta)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def apply_init_from(cfg: Config) -> list[str]:
+    """run.init_from: the BERT's architecture into cfg.model, its tokenizer into data.tokenizer if unset."""
+    if not cfg.run.init_from:
+        return []
+    changed = apply_bert_config(cfg.model, cfg.run.init_from)
+    if not cfg.data.tokenizer:
+        found = bert_tokenizer(cfg.run.init_from)
+        if not found:
+            raise ValueError(f"{cfg.run.init_from}: no vocab.txt or tokenizer.json; set data.tokenizer")
+        cfg.data.tokenizer, cfg.data.lowercase = found
+    return changed
 
 
-def run(cfg: Config, resume: bool = False, print_fn=print) -> dict:
-    """Train as cfg says, in cfg.run.out (config.json, log.jsonl, checkpoint.pt). Returns the last report."""
+def gather_rng(d: Dist) -> list[dict]:
+    """Every rank's RNG states (rank order), for the checkpoint. A collective: all ranks call it."""
+    mine = rng_state()
+    per_key = {k: gather_tensors(v.to(d.device), d) if v.numel() else [v] * d.world_size for k, v in mine.items()}
+    return [{k: per_key[k][r].cpu() for k in mine} for r in range(d.world_size)]
+
+
+def run(cfg: Config, resume: str | None = None, print_fn=print) -> dict:
+    """Train as cfg says, in cfg.run.out (config.json, log.jsonl, checkpoint.pt, checkpoints/, curves.png).
+    resume: "latest" (RUN/checkpoint.pt if there is one) or a checkpoint file. Under torchrun, one
+    process per device. Returns the last training report."""
+    started = not torch.distributed.is_initialized()
+    d = init_distributed(cfg.run.device)
+    try:
+        report = _run(cfg, resume, print_fn, d)
+    except BaseException:
+        if started:
+            close_distributed(wait=False)
+        raise
+    if started:
+        close_distributed()
+    return report
+
+
+def _run(cfg: Config, resume, print_fn, d: Dist) -> dict:
     out = cfg.run.out
-    os.makedirs(out, exist_ok=True)
-    ckpt_path = os.path.join(out, "checkpoint.pt")
-    state = load_checkpoint(ckpt_path) if resume and os.path.exists(ckpt_path) else None
+    logger = Logger(out, d, print_fn, cfg.run.tensorboard)
+    if d.is_main:
+        os.makedirs(out, exist_ok=True)
+    if resume is True:
+        resume = "latest"
+    ckpt = resolve_resume(resume, out)
+    if resume and not ckpt:
+        logger.print(f"no checkpoint in {out} yet: starting from step 0")
+    state = load_checkpoint(ckpt) if ckpt else None
+    for change in apply_init_from(cfg):
+        logger.print(f"{cfg.run.init_from}: {change}")
+    if cfg.run.precision != "fp32" and d.device.type != "cuda":
+        raise ValueError(f"run.precision={cfg.run.precision} needs a CUDA device (this run is on {d.device})")
     start = state["step"] if state else 0
-    torch.manual_seed(cfg.run.seed + start)
-    pairs, dataset, buckets, loader = build_data(cfg, cfg.data.split, skip=start * cfg.optim.accum_steps)
-    if state and state["config"].get("model") != dataclasses.asdict(cfg.model):
-        raise ValueError(f"{ckpt_path}: its model config differs from this run's; resume with the same model")
-    device = pick_device(cfg.run.device)
-    model = build_model(cfg).to(device)
+    starts = [int(t) for t in gather_tensors(torch.tensor([start], device=d.device), d)]
+    if len(set(starts)) > 1:  # e.g. nodes that do not share the run folder
+        raise ValueError(f"the ranks found different checkpoints in {out} (steps {starts}): the run folder must be "
+                         "on a filesystem every node shares")
     o = cfg.optim
+    position = (state.get("data") or {}) if state else {}
+    skip = position.get("batches", start * o.accum_steps)  # batches this rank has consumed
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    pairs, dataset, buckets, loader = build_data(cfg, cfg.data.split, skip=skip, rank=d.rank,
+                                                 world_size=d.world_size)
+    if state and state["config"].get("model") != dataclasses.asdict(cfg.model):
+        raise ValueError(f"{ckpt}: its model config differs from this run's; resume with the same model")
+    if state and position.get("world_size", d.world_size) != d.world_size:
+        logger.print(f"note: {ckpt} was written by {position['world_size']} processes, this run has "
+                     f"{d.world_size}: the data order from here on differs from the original run's")
+    model = build_model(cfg)
+    if cfg.run.init_from and not state:
+        loaded = load_bert(model, cfg.run.init_from)
+        logger.print(f"initialised {len(loaded)} tensors from the BERT in {cfg.run.init_from}")
+    model.to(d.device)
     optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps)
     scheduler = build_scheduler(optimizer, o.warmup_steps, o.steps)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.run.precision == "fp16")
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    save_config(cfg, os.path.join(out, "config.json"))
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        rng = state.get("rng") or []
+        if len(rng) == d.world_size:
+            set_rng_state(rng[d.rank])  # dropout continues exactly where it stopped
+    elif d.rank:
+        torch.manual_seed(cfg.run.seed + d.rank)  # each rank its own dropout masks
+    raw = model
+    if d.enabled:
+        # a step trains one task, so the other tasks' heads get no gradient: DDP must look for unused
+        # parameters (they are unused on every rank alike, so their .grad stays None and AdamW skips them)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device] if d.device.type == "cuda" else None, find_unused_parameters=True)
+    if d.is_main:
+        save_config(cfg, os.path.join(out, "config.json"))
+        trim_log(os.path.join(out, "log.jsonl"), start)  # a resumed run redoes the steps after the checkpoint
     if set(cfg.tasks.mix) & set(REGION_TASKS) and pairs.num_boxes.min() == 0:
-        print_fn(f"note: {(pairs.num_boxes == 0).sum()} images have no boxes; region tasks skip them")
-    print_fn(f"regionbert-pretrain: {len(pairs)} captions of {pairs.num_images} images, model "
-             f"{num_parameters(model.encoder)} parameters on {device}, tasks "
-             + ", ".join(f"{k} {v:g}" for k, v in cfg.tasks.mix.items() if v)
-             + f"; padding with the token-bucket sampler {100 * buckets.padding_fraction():.1f}%"
-             + (f"; resuming at step {start}" if start else ""), flush=True)
-    return train(model, loader, optimizer, scheduler, steps=o.steps, start_step=start, accum_steps=o.accum_steps,
-                 grad_clip=o.grad_clip, device=device, precision=cfg.run.precision, log_every_steps=cfg.run.log_every,
-                 checkpoint_every=cfg.run.checkpoint_every, run_dir=out, config=cfg.to_dict(), print_fn=print_fn)
+        logger.print(f"note: {(pairs.num_boxes == 0).sum()} images have no boxes; region tasks skip them")
+    logger.print(f"regionbert-pretrain: {len(pairs)} captions of {pairs.num_images} images, model "
+                 f"{num_parameters(raw.encoder)} parameters on {d.world_size} x {d.device.type}, tasks "
+                 + ", ".join(f"{k} {v:g}" for k, v in cfg.tasks.mix.items() if v)
+                 + f"; padding with the token-bucket sampler {100 * buckets.padding_fraction():.1f}%"
+                 + (f"; resuming at step {start} from {ckpt}" if start else ""), flush=True)
+
+    def save(step: int) -> None:
+        rng = gather_rng(d)  # a collective
+        if d.is_main:
+            save_run_checkpoint(out, step, cfg.run.keep_checkpoints, model=raw, optimizer=optimizer,
+                                scheduler=scheduler, config=cfg.to_dict(), scaler=scaler.state_dict(), rng=rng,
+                                data={"batches": step * o.accum_steps, "world_size": d.world_size,
+                                      "seed": cfg.run.seed})
+
+    evaluate = build_evaluation(cfg, d, logger) if cfg.data.eval_split else None
+    report = train(model, loader, optimizer, scheduler, steps=o.steps, start_step=start, accum_steps=o.accum_steps,
+                   grad_clip=o.grad_clip, device=d.device, precision=cfg.run.precision, scaler=scaler,
+                   log_every_steps=cfg.run.log_every, checkpoint_every=cfg.run.checkpoint_every,
+                   eval_every=cfg.run.eval_every, save=save, evaluate=evaluate and (lambda step: evaluate(raw)),
+                   logger=logger, d=d)
+    if d.enabled:  # the replicas must have stayed identical: say so, or fail loudly
+        digests = digests_agree(raw, d)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the {d.world_size} ranks ended with different parameters: {digests}")
+        logger.print(f"parameters identical on all {d.world_size} ranks (sha256 {digests[0][:16]})")
+        logger.write({"step": o.steps, "replica_digests": digests})
+    logger.close()
+    if d.is_main and cfg.run.plot:
+        try:
+            from .plot import plot_run
+        except ImportError:
+            pass
+        else:
+            try:
+                path = plot_run(out)
+                logger.print(f"training curves: {path}")
+            except ImportError:
+                logger.print("note: matplotlib is not installed; no curves.png")
+    return report
+
+
+def build_evaluation(cfg: Config, d: Dist, logger: Logger):
+    """evaluate(model) -> held-out metrics on data.eval_split; None (with a note) when the manifest has no
+    such rows."""
+    from .text import read_manifest
+
+    try:
+        read_manifest(cfg.data.captions, cfg.data.eval_split)
+    except ValueError as e:  # a manifest without held-out rows: train anyway, and say so
+        logger.print(f"note: no held-out evaluation: data.eval_split={cfg.data.eval_split!r}: {e}")
+        return None
+    pairs, dataset, _, _ = build_data(cfg, cfg.data.eval_split, num_workers=0)
+    tasks = [t for t, r in cfg.tasks.mix.items() if r > 0]
+    neg = None
+    if "itm" in tasks and pairs.num_images > 1:
+        neg = TaskSampler(TokenBucketSampler(pairs.lengths, cfg.data.token_budget), pairs, {"itm": 1},
+                          cfg.run.seed, neg_window=cfg.tasks.itm_neg_window).negatives(
+            pairs.image, np.random.default_rng(cfg.run.seed))
+    autocast = autocast_for(d.device, cfg.run.precision)
+    r = cfg.run
+    logger.print(f"held-out evaluation: {min(r.eval_pairs, len(pairs))} of {len(pairs)} '{cfg.data.eval_split}' "
+                 f"captions for accuracy, {min(r.eval_images, pairs.num_images)} images for retrieval")
+
+    def progress(done, total):
+        if total >= 20 and done % (total // 10) == 0:
+            logger.print(f"  retrieval: {done}/{total} blocks", flush=True)
+
+    def evaluate(model) -> dict:
+        return evaluate_held_out(model, dataset, tasks, eval_pairs=r.eval_pairs, eval_images=r.eval_images,
+                                 batch_pairs=r.eval_batch_pairs, token_budget=cfg.data.token_budget, seed=r.seed,
+                                 device=d.device, d=d, autocast=autocast, neg_image=neg, progress=progress)
+    return evaluate
