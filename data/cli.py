@@ -51,8 +51,20 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _indexed(sources) -> dict:
+    """{shard path: its index entry} for the sources that are index files."""
+    from .index import load_index
+
+    out = {}
+    for src in sources:
+        if os.path.isfile(src):
+            out.update({os.path.abspath(e["path"]): e for e in load_index(src)["shards"]})
+    return out
+
+
 def cmd_verify(args) -> int:
     failed = 0
+    indexed = _indexed(args.shards)
     for path in resolve_sources(args.shards)[0]:
         try:
             total = _handle(os.path.abspath(path)).count
@@ -60,6 +72,12 @@ def cmd_verify(args) -> int:
             total = None  # verify_shard reports why
         with tqdm(total=total, desc=f"verify {path}", unit="rec", disable=args.quiet, leave=False) as bar:
             r = verify_shard(path, progress=bar.update)
+        entry = indexed.get(os.path.abspath(path))
+        if entry is not None:  # the index says what arrived should be
+            if entry["count"] != r.count:
+                r.problems.append(f"index says {entry['count']} records, the shard has {r.count}")
+            if entry.get("content_hash") and r.content_hash and entry["content_hash"] != r.content_hash:
+                r.problems.append(f"content hash differs from the index's {entry['content_hash']}")
         status = "OK" if r.ok else "FAILED"
         print(f"{status:6} {r.path}: {r.checked}/{r.count} records checked, {len(r.bad)} bad, {r.content_hash}")
         for p in r.problems:
@@ -138,10 +156,16 @@ def cmd_show(args) -> int:
             raise ShardError(f"{args.shards}: no record {args.id!r}")
         rec = shard.get(args.id)
     else:
-        shard, local = shards.locate(args.index)
+        try:
+            shard, local = shards.locate(args.index)
+        except IndexError as e:
+            raise ShardError(f"{args.shards}: {e}") from None
         rec = shard[local]
     path = find_image(rec, shard.meta, args.image, args.root)
-    draw_record(rec, path, shard.meta["class_names"], top=args.top).save(args.out)
+    try:
+        draw_record(rec, path, shard.meta["class_names"], top=args.top).save(args.out)
+    except OSError as e:  # missing or unreadable image, unwritable output
+        raise ShardError(f"record {rec.id!r}: {e}") from None
     print(f"wrote {args.out}: {rec.id} ({rec.width}x{rec.height}, {min(rec.num_boxes, args.top)} of "
           f"{rec.num_boxes} boxes) over {path}")
     return 0

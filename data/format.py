@@ -117,6 +117,13 @@ def location_vectors(boxes: np.ndarray, width: int, height: int) -> tuple[np.nda
     return loc5.astype(_F4), loc7.astype(_F4)
 
 
+def encode_extra(extra: dict | None) -> bytes:
+    """The extra section: compact, key-sorted, strict JSON (no NaN), or nothing for None / {}."""
+    if not extra:
+        return b""
+    return json.dumps(extra, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
 def record_checksum(key: bytes, body) -> int:
     """XXH3-64 of the body, seeded with XXH3-64 of the key: a value under the wrong key fails."""
     return xxhash.xxh3_64_intdigest(body, seed=xxhash.xxh3_64_intdigest(key))
@@ -161,7 +168,7 @@ def encode_record(
     n, d = features.shape
     c = 0 if class_probs is None else class_probs.shape[1]
     a = 0 if attr_probs is None else attr_probs.shape[1]
-    extra_bytes = b"" if not extra else json.dumps(extra, separators=(",", ":"), sort_keys=True).encode()
+    extra_bytes = encode_extra(extra)
     loc5, loc7 = location_vectors(boxes, width, height)
     arrays = {
         "boxes": boxes, "loc5": loc5, "loc7": loc7, "features": features,
@@ -180,10 +187,10 @@ def encode_record(
 
 
 def decode_record(key: bytes, value, verify: bool = True, image_id: str | None = None,
-                  expect: tuple[int, int] | None = None) -> Record:
+                  expect: tuple[int, int, int, int] | None = None) -> Record:
     """Bytes (or a buffer such as an LMDB memoryview) -> Record of zero-copy views.
 
-    expect: the shard's (feature dim, number of classes), checked against the header.
+    expect: the shard's (feature dim, classes, attributes, feature dtype code), checked against the header.
     Raises CorruptRecordError for anything that is not a well-formed record, whatever the bytes."""
     mv = memoryview(value)
     size = mv.nbytes
@@ -200,9 +207,9 @@ def decode_record(key: bytes, value, verify: bool = True, image_id: str | None =
     if end + CHECKSUM_SIZE != size:
         raise CorruptRecordError(_name(key, image_id), f"record is {size} bytes but its header (N={n}, D={d}, "
                                  f"C={c}, A={a}) implies {end + CHECKSUM_SIZE}; truncated or corrupt")
-    if expect is not None and (d, c) != expect:
-        raise CorruptRecordError(_name(key, image_id), f"dims D={d}, C={c} disagree with the shard's "
-                                 f"D={expect[0]}, C={expect[1]}")
+    if expect is not None and (d, c, a, fcode) != expect:
+        raise CorruptRecordError(_name(key, image_id), f"header (D={d}, C={c}, A={a}, dtype code {fcode}) "
+                                 f"disagrees with the shard's (D, C, A, dtype code) = {expect}")
     if verify:
         stored = _U64.unpack_from(mv, end)[0]
         actual = xxhash.xxh3_64_intdigest(mv[:end], seed=xxhash.xxh3_64_intdigest(key))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import operator
 import os
 import threading
 import warnings
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 import lmdb
 
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
-from .format import Record, decode_meta, decode_record, encode_key
+from .format import FEATURE_DTYPE_CODES, Record, decode_meta, decode_record, encode_key
 from .writer import DB_META, DB_ORDER, DB_RECORDS, META_SHARD, META_STATE, order_key, settings_diff
 
 
@@ -67,8 +68,10 @@ class _Handle:
         except ValueError:
             raise ShardError(f"{self.path}: shard state is not valid JSON") from None
         self.complete = bool(self.state.get("complete"))
-        names = self.meta["class_names"]
-        self.expect = (self.meta["feature_dim"], 0 if names is None else len(names))  # (D, C) of every record
+        names, attrs = self.meta["class_names"], self.meta["attribute_names"]
+        # (D, C, A, feature dtype code) that every record's header must carry
+        self.expect = (self.meta["feature_dim"], 0 if names is None else len(names), 0 if attrs is None else len(attrs),
+                       FEATURE_DTYPE_CODES[self.meta["feature_dtype"]])
         if self.complete and self.env is None:
             self.env, self.dbs = _open_env(self.path, lock=False)
         self.gen += 1
@@ -132,7 +135,13 @@ def _handle(path: str, refresh: bool = False) -> _Handle:
             _HANDLES[path] = _HANDLES[ident] = h
     elif refresh and h.signature != _signature(path):
         with _HANDLES_LOCK:
-            h.reload()
+            sig = _signature(path)
+            if sig[:2] != h.signature[:2]:  # deleted and written anew: other files, a new environment
+                h = _HANDLES.get(sig[:2]) or _Handle(path)  # (the old one stays open for its views)
+                h.path = path
+                _HANDLES[path] = _HANDLES[sig[:2]] = h
+            else:
+                h.reload()
     return h
 
 
@@ -184,8 +193,10 @@ class ShardReader(Sequence):
         return bytes(key)
 
     def __getitem__(self, index: int) -> Record:
-        if not isinstance(index, int):
-            raise TypeError(f"ShardReader index must be int, got {type(index).__name__}; use .get(id)")
+        try:
+            index = operator.index(index)  # ints, numpy ints, 0-d tensors
+        except TypeError:
+            raise TypeError(f"ShardReader index must be an integer, got {type(index).__name__}; use .get(id)") from None
         return self._read(self.key_at(index))
 
     def get(self, image_id: str) -> Record:
@@ -289,6 +300,7 @@ class ShardSet(Sequence):
         return self.offsets[-1]
 
     def locate(self, index: int) -> tuple[ShardReader, int]:
+        index = operator.index(index)
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):

@@ -14,6 +14,7 @@ from .errors import ShardError, ShardMismatchError
 from .format import (
     FEATURE_DTYPE_CODES,
     decode_meta,
+    encode_extra,
     encode_json,
     encode_key,
     encode_record,
@@ -60,6 +61,9 @@ class ShardWriter:
     Records are committed every `commit_every` records or `commit_bytes` bytes, whichever comes first;
     a kill -9 at any moment leaves a valid shard holding every committed record. Opening an existing
     shard resumes it: its settings must match, and ids already stored are skipped by `add`.
+
+    A complete shard is immutable (readers open it without locks): reopening one writes nothing, and
+    adding a new record to it is refused unless append=True, which is safe only while nobody reads it.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class ShardWriter:
         commit_every: int = 256,
         commit_bytes: int = 256 << 20,
         map_size: int = 1 << 30,
+        append: bool = False,
     ):
         if feature_dtype not in FEATURE_DTYPE_CODES:
             raise ShardError(f"feature_dtype must be one of {sorted(FEATURE_DTYPE_CODES)}, got {feature_dtype!r}")
@@ -97,8 +102,13 @@ class ShardWriter:
         wanted = make_meta(feature_dim, feature_dtype, class_names, attribute_names, extractor or {}, now_iso())
         with self._env.begin() as txn:
             raw = txn.get(META_SHARD, db=self._meta_db)
+            state = txn.get(META_STATE, db=self._meta_db)
         if raw is not None:  # resume: the shard's settings win, and must match ours
-            self.meta = decode_meta(self.path, raw)
+            try:
+                self.meta = decode_meta(self.path, raw)
+            except ShardError:
+                self._env.close()
+                raise
             diff = settings_diff(self.meta, wanted)
             if diff:
                 self._env.close()
@@ -114,7 +124,23 @@ class ShardWriter:
         self._pending_bytes = 0
         self.added = self.skipped = 0
         self._closed = False
+        try:
+            self.was_complete = bool(state) and bool(json.loads(state).get("complete"))
+        except ValueError:
+            self.was_complete = False
+        self.append = append
+        self._touched = False  # nothing written yet: a complete shard stays untouched until a record comes
+        if not self.was_complete:
+            self._touch()
+
+    def _touch(self) -> None:
+        """Mark the shard as being written (incomplete) before its first change."""
+        if self.was_complete and not self.append:
+            raise ShardError(f"{self.path}: shard is complete (finished, maybe published and being read); "
+                             "adding records would change it under its readers. Write a new shard, or append "
+                             "on purpose (append=True / --append) while nobody reads it")
         self._write_state(complete=False, meta=self.meta)
+        self._touched = True
 
     # -- queries ------------------------------------------------------------------------------------
 
@@ -151,6 +177,8 @@ class ShardWriter:
             self.skipped += 1
             return False
         arrays = self._validate(image_id, width, height, boxes, features, class_probs, attr_probs, extra)
+        if not self._touched:
+            self._touch()
         value = encode_record(key, int(width), int(height), *arrays, extra=extra,
                               feature_dtype=self.meta["feature_dtype"])
         self._pending.append((key, value))
@@ -187,7 +215,8 @@ class ShardWriter:
             return
         try:
             self.commit()
-            self._write_state(complete=complete)
+            if self._touched:  # a complete shard reopened and left alone is not rewritten
+                self._write_state(complete=complete)
             self._env.sync(True)
         finally:
             self._closed = True
@@ -227,8 +256,11 @@ class ShardWriter:
             raise self._fail(image_id, f"width and height must be integers, got {width!r} x {height!r}")
         if not (0 < width < 2**32 and 0 < height < 2**32):
             raise self._fail(image_id, f"image size {width}x{height} must be positive")
-        boxes = np.asarray(boxes, dtype=np.float32)
-        features = np.asarray(features)
+        try:
+            boxes = np.asarray(boxes, dtype=np.float32)
+            features = np.asarray(features)
+        except (TypeError, ValueError) as e:
+            raise self._fail(image_id, f"boxes and features must be numeric arrays: {e}") from None
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise self._fail(image_id, f"boxes must be (N, 4) xyxy, got shape {boxes.shape}")
         n = boxes.shape[0]
@@ -251,12 +283,13 @@ class ShardWriter:
         class_probs = self._probs(image_id, "class_probs", class_probs, meta["class_names"], n)
         attr_probs = self._probs(image_id, "attr_probs", attr_probs, meta["attribute_names"], n)
         if extra is not None:
-            try:
-                json.dumps(extra)
-            except (TypeError, ValueError) as e:
-                raise self._fail(image_id, f"extra must be JSON-serialisable: {e}") from None
             if not isinstance(extra, dict):
                 raise self._fail(image_id, "extra must be a dict")
+            try:
+                encode_extra(extra)
+            except (TypeError, ValueError) as e:
+                raise self._fail(image_id, f"extra must be a JSON object with string keys and finite numbers: "
+                                 f"{e}") from None
         return boxes, features, class_probs, attr_probs
 
     def _probs(self, image_id, what, probs, names, n):

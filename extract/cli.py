@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -21,8 +22,9 @@ def parse_args(argv=None) -> ExtractConfig:
     p.add_argument("images", help="folder of images (recursive) or manifest (.csv .tsv .jsonl .parquet)")
     p.add_argument("-o", "--out", required=True, help="output folder; this job writes shard-IIIII-of-NNNNN in it")
     g = p.add_argument_group("detector")
-    g.add_argument("--detector", default="resnet50_fpn_v2", choices=list(BUILDERS))
-    g.add_argument("--weights", default="DEFAULT",
+    g.add_argument("--detector", default=os.environ.get("REGIONBERT_DETECTOR", "resnet50_fpn_v2"),
+                   choices=list(BUILDERS), help="default: $REGIONBERT_DETECTOR or resnet50_fpn_v2")
+    g.add_argument("--weights", default=os.environ.get("REGIONBERT_WEIGHTS", "DEFAULT"),
                    help="torchvision weights name (DEFAULT, COCO_V1, ...; downloaded to the torch cache), a "
                         "local checkpoint file, or 'none' (random init: dry runs and tests only)")
     g.add_argument("--seed", type=int, default=0, help="init seed for --weights none")
@@ -54,10 +56,17 @@ def parse_args(argv=None) -> ExtractConfig:
     g.add_argument("--max-failure-fraction", type=float, default=0.01,
                    help="exit non-zero only if more than this fraction of images fail")
     g.add_argument("--commit-every", type=int, default=256, help="records per shard commit")
+    g.add_argument("--append", action="store_true",
+                   help="add images missing from a complete shard (new or failed before); only while nobody reads it")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if (a.num_shards is None) != (a.shard_index is None):
         p.error("--num-shards and --shard-index go together")
+    for name in ("batch_size", "commit_every", "max_pixels"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.workers < 0:
+        p.error("--workers must be 0 or more")
     policy = a.policy
     lo, hi = a.min_boxes, a.max_boxes
     if a.boxes_per_image is not None:
@@ -70,7 +79,7 @@ def parse_args(argv=None) -> ExtractConfig:
         allow_outside_root=a.allow_outside_root, boxes_file=a.boxes_file, num_shards=a.num_shards,
         shard_index=a.shard_index, batch_size=a.batch_size, workers=a.workers, device=a.device, amp=a.amp,
         feature_dtype=a.feature_dtype, max_pixels=a.max_pixels, max_failure_fraction=a.max_failure_fraction,
-        commit_every=a.commit_every, progress=not a.quiet)
+        commit_every=a.commit_every, append=a.append, progress=not a.quiet)
 
 
 def main(argv=None) -> int:

@@ -80,7 +80,11 @@ def build_detector(spec: DetectorSpec, **overrides) -> tuple[torch.nn.Module, li
                 "features and class distributions are meaningless. Use it for dry runs and tests only.",
                 stacklevel=2)
         elif os.path.exists(source):
-            state = torch.load(source, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(source, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
+                raise ValueError(f"{source}: not a weights-only torch checkpoint ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200]})") from None
             if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
                 state = state["model"]  # torchvision references/detection checkpoints
             try:

@@ -87,9 +87,19 @@ def read_manifest(path: str, root: str | None = None, path_column: str | None = 
         if not allow_outside_root and os.path.commonpath([root, full]) != root:
             raise ValueError(f"{path}, row {row}: {p!r} resolves outside the image root {root} "
                              "(pass --allow-outside-root if that is intended)")
-        iid = str(rec[id_column]).strip() if id_column else ""
+        iid = _id_text(rec[id_column]) if id_column else ""
         items.append(ImageItem(iid or image_id(full, root), full))
     return _unique(items, path)
+
+
+def _id_text(value) -> str:
+    """A manifest id cell as text: 42 and 42.0 (pandas' float for an int column with gaps) are "42";
+    a missing cell is "" (the path then gives the id)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
 
 
 def _unique(items: list[ImageItem], source: str) -> list[ImageItem]:
@@ -150,6 +160,7 @@ def shard_from_env() -> tuple[int, int] | None:
 
 def decode_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any image file -> (H, W, 3) uint8 RGB, upright (EXIF orientation applied). Raises ImageError."""
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check follows our limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

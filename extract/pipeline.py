@@ -58,6 +58,7 @@ class ExtractConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_failure_fraction: float = 0.01  # exit non-zero past this fraction of failed images
     commit_every: int = 256
+    append: bool = False  # add images to a complete shard (safe only while nobody reads it)
     progress: bool = True
 
 
@@ -205,64 +206,69 @@ def run(cfg: ExtractConfig) -> Summary:
             failures.append({"id": item.id, "path": item.path, "reason": reason})
 
     writer = ShardWriter(shard, feature_dim=feature_dim, class_names=class_names, feature_dtype=cfg.feature_dtype,
-                         extractor=settings, commit_every=cfg.commit_every)
-    todo = []
-    for it in items:
-        try:
-            if it.id not in writer:
-                todo.append(it)
-        except ShardError as e:  # e.g. an id past LMDB's 511-byte key limit
-            fail(it, str(e))
-    summary.already_done = len(items) - len(todo) - len(failures)
-    loader = DataLoader(ImageDataset(todo, model.transform, cfg.max_pixels, boxes), batch_size=cfg.batch_size,
-                        num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
-                        worker_init_fn=_worker_init, persistent_workers=False)
-    thread = _ShardWriterThread(writer, fail)
-    thread.start()
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc=os.path.basename(shard), disable=not cfg.progress,
-               dynamic_ncols=True)
-    ok = False
+                         extractor=settings, commit_every=cfg.commit_every, append=cfg.append)
+    thread, ok, start = None, False, time.perf_counter()
     try:
-        for batch in loader:
-            good = [b for b in batch if b["error"] is None]
-            for b in batch:
-                if b["error"] is not None:
-                    fail(ImageItem(b["id"], b["path"]), b["error"])
-            if good:
-                images = [b["image"].to(device, non_blocking=True) for b in good]
-                given = [b["boxes"] for b in good] if boxes is not None else None
-                with autocast_for(device, cfg.amp):
-                    results = extractor(images, [b["size"] for b in good], given)
-                for b, r in zip(good, results, strict=True):
-                    h, w = b["size"]
-                    boxes_px = r["boxes"].float().cpu().numpy()
-                    np.clip(boxes_px, 0, [w, h, w, h], out=boxes_px)  # float rounding when scaling back
-                    thread.queue.put((ImageItem(b["id"], b["path"]), {
-                        "width": w, "height": h, "boxes": boxes_px,
-                        "features": r["features"].float().cpu().numpy(),
-                        "class_probs": r["class_probs"].float().cpu().numpy()}))
-            if thread.error is not None:
-                raise thread.error
-            bar.update(len(batch))
-            bar.set_postfix(failed=len(failures), refresh=False)
+        todo = []
+        for it in items:
+            try:
+                if it.id not in writer:
+                    todo.append(it)
+            except ShardError as e:  # e.g. an id past LMDB's 511-byte key limit
+                fail(it, str(e))
+        summary.already_done = len(items) - len(todo) - len(failures)
+        if todo and writer.was_complete and not cfg.append:
+            raise ValueError(f"{shard} is complete, and {len(todo)} of the images are not in it (new, or failed "
+                             "before); pass --append to add them, while nobody reads the shard")
+        loader = DataLoader(ImageDataset(todo, model.transform, cfg.max_pixels, boxes), batch_size=cfg.batch_size,
+                            num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+                            worker_init_fn=_worker_init, persistent_workers=False)
+        thread = _ShardWriterThread(writer, fail)
+        thread.start()
+        start = time.perf_counter()
+        with tqdm(total=len(todo), unit="img", desc=os.path.basename(shard), disable=not cfg.progress,
+                  dynamic_ncols=True) as bar:
+            for batch in loader:
+                good = [b for b in batch if b["error"] is None]
+                for b in batch:
+                    if b["error"] is not None:
+                        fail(ImageItem(b["id"], b["path"]), b["error"])
+                if good:
+                    images = [b["image"].to(device, non_blocking=True) for b in good]
+                    given = [b["boxes"] for b in good] if boxes is not None else None
+                    with autocast_for(device, cfg.amp):
+                        results = extractor(images, [b["size"] for b in good], given)
+                    for b, r in zip(good, results, strict=True):
+                        h, w = b["size"]
+                        boxes_px = r["boxes"].float().cpu().numpy()
+                        np.clip(boxes_px, 0, [w, h, w, h], out=boxes_px)  # float rounding when scaling back
+                        thread.queue.put((ImageItem(b["id"], b["path"]), {
+                            "width": w, "height": h, "boxes": boxes_px,
+                            "features": r["features"].float().cpu().numpy(),
+                            "class_probs": r["class_probs"].float().cpu().numpy()}))
+                if thread.error is not None:
+                    raise thread.error
+                bar.update(len(batch))
+                bar.set_postfix(failed=len(failures), refresh=False)
         ok = True
     finally:
-        bar.close()
-        thread.queue.put(None)
-        thread.join()
-        writer.close(complete=ok and thread.error is None)
-        summary.seconds = time.perf_counter() - start
-        summary.written = thread.written
-        summary.failed = len(failures)
-        if failures:
-            with open(failures_path, "w") as f:
-                for rec in failures:
-                    f.write(json.dumps(rec) + "\n")
-            summary.failures_file = failures_path
-        elif os.path.exists(failures_path):
-            os.remove(failures_path)  # an earlier run's failures were all retried successfully
-    if thread.error is not None:
+        try:
+            if thread is not None:
+                thread.queue.put(None)
+                thread.join()
+            writer.close(complete=ok and (thread is None or thread.error is None))
+        finally:  # whatever happened to the shard, say which images failed
+            summary.seconds = time.perf_counter() - start
+            summary.written = 0 if thread is None else thread.written
+            summary.failed = len(failures)
+            if failures:
+                with open(failures_path, "w") as f:
+                    for rec in failures:
+                        f.write(json.dumps(rec) + "\n")
+                summary.failures_file = failures_path
+            elif ok and os.path.exists(failures_path):
+                os.remove(failures_path)  # an earlier run's failures were all retried successfully
+    if thread is not None and thread.error is not None:
         raise thread.error
     return summary
 

@@ -131,3 +131,16 @@ def test_copy_publishes_a_compact_identical_shard(small_shard, tmp_path, capsys)
     assert content_hash(str(dst)) == content_hash(small_shard)
     assert "same content" in capsys.readouterr().out and not (tmp_path / "pub" / "shard-000.partial").exists()
     assert main(["copy", small_shard, str(dst)]) == 2  # never over an existing shard
+
+
+def test_verify_against_an_index_catches_a_replaced_shard(tmp_path, capsys):
+    for name in ("a", "b"):
+        write_synthetic_shard(str(tmp_path / "pub" / name), 4, feature_dim=16, max_boxes=11, id_prefix=name)
+    index = str(tmp_path / "pub" / "index.json")
+    assert main(["index", "-q", str(tmp_path / "pub"), "-o", index]) == 0
+    assert main(["verify", "-q", index]) == 0
+    shutil.rmtree(tmp_path / "pub" / "b")  # replaced by a different, valid shard with the same count
+    write_synthetic_shard(str(tmp_path / "pub" / "b"), 4, feature_dim=16, max_boxes=11, id_prefix="other")
+    capsys.readouterr()
+    assert main(["verify", "-q", index]) == 1
+    assert "content hash differs from the index's" in capsys.readouterr().out

@@ -96,8 +96,10 @@ def test_odd_images_are_extracted_or_reported(tmp_path):
     assert meta["min_size"] == 96 and meta["max_size"] == 128 and meta["weights_digest"].startswith("sha256:")
     # the same failures past the allowed fraction: non-zero exit; committed images are skipped. (Another
     # process: this one holds the shard open for reading, and LMDB allows one open per file per process.)
-    rerun = subprocess.run([sys.executable, "-m", "regionbert.extract.cli", *args, "--max-failure-fraction", "0.1"],
-                           capture_output=True, text=True)
+    cli = [sys.executable, "-m", "regionbert.extract.cli", *args, "--max-failure-fraction", "0.1"]
+    refused = subprocess.run(cli, capture_output=True, text=True)  # the shard is complete: left alone
+    assert refused.returncode == 2 and "is complete, and 5 of the images are not in it" in refused.stderr
+    rerun = subprocess.run([*cli, "--append"], capture_output=True, text=True)
     assert rerun.returncode == 1 and "9 already done, 5 failed of 14" in rerun.stdout
     assert "RANDOM weights" in rerun.stderr and "more than the allowed 10.0%" in rerun.stderr
 
@@ -225,3 +227,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path):
         a, b = resumed.get(image_id), clean.get(image_id)
         assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.features, b.features)
         assert np.array_equal(a.class_probs, b.class_probs)
+
+
+def test_manifest_ids_keep_their_text(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"path": "a.jpg", "id": 42}\n{"path": "b.jpg"}\n{"path": "c.jpg", "id": "x"}\n')
+    assert [i.id for i in read_manifest(str(tmp_path / "m.jsonl"))] == ["42", "b", "x"]

@@ -133,3 +133,17 @@ def test_memory_stays_flat_while_reading(tmp_path):
             total += float(r[int(i)].features[0, 0])
     grown = _rss_anon_kib() - before
     assert grown < 16 * 1024, f"anonymous memory grew by {grown} KiB reading a 75 MB shard three times"
+
+
+def test_a_shard_written_anew_at_the_same_path_is_read_anew(tmp_path):
+    import shutil
+
+    path = str(tmp_path / "s")
+    write_synthetic_shard(path, 3, feature_dim=16, max_boxes=11, seed=1)
+    old = ShardReader(path)[0]
+    shutil.rmtree(path)
+    write_synthetic_shard(path, 5, feature_dim=16, max_boxes=11, seed=2)
+    r = ShardReader(path)
+    assert len(r) == 5 and not np.array_equal(r[0].features, old.features)
+    assert old.features.sum() == old.features.sum()  # the old view still reads its (deleted) file
+    assert ShardSet([path])[np.int64(4)].id == "synth/00000004"  # numpy integers index too

@@ -62,9 +62,10 @@ def test_reopening_with_other_settings_is_refused(tmp_path):
 def test_resume_skips_committed_ids(tmp_path):
     rng = np.random.default_rng(0)
     recs = {f"r{i}": random_record(rng) for i in range(10)}
-    with _writer(tmp_path / "s") as w:
-        for i in range(6):
-            w.add(f"r{i}", **recs[f"r{i}"])
+    w = _writer(tmp_path / "s")
+    for i in range(6):
+        w.add(f"r{i}", **recs[f"r{i}"])
+    w.close(complete=False)  # the job stopped before its end
     with _writer(tmp_path / "s") as w:
         added = [w.add(k, **v) for k, v in recs.items()]
         assert w.add("r9", **recs["r9"]) is False  # pending duplicates are skipped too
@@ -149,3 +150,28 @@ def test_kill_9_while_writing_then_resume(tmp_path):
     from regionbert.data import content_hash
     assert content_hash(path) == content_hash(str(tmp_path / "clean"))
     assert os.path.getsize(os.path.join(path, "data.mdb")) > 0
+
+
+def test_a_complete_shard_is_left_alone_unless_appending(tmp_path):
+    rng = np.random.default_rng(0)
+    with _writer(tmp_path / "s") as w:
+        w.add("a", **random_record(rng))
+    data = tmp_path / "s" / "data.mdb"
+    before = (data.stat().st_mtime_ns, data.read_bytes())
+    with _writer(tmp_path / "s") as w:  # a finished job run again: nothing to add, nothing written
+        assert w.add("a", **random_record(rng)) is False
+    assert (data.stat().st_mtime_ns, data.read_bytes()) == before
+    with pytest.raises(ShardError, match="complete"), _writer(tmp_path / "s") as w:
+        w.add("b", **random_record(rng))
+    with _writer(tmp_path / "s", append=True) as w:
+        assert w.add("b", **random_record(rng))
+    r = ShardReader(tmp_path / "s")
+    assert list(r.keys()) == ["a", "b"] and r.state["complete"]
+
+
+def test_extra_must_be_strict_json(tmp_path):
+    rng = np.random.default_rng(0)
+    with _writer(tmp_path / "s") as w:
+        for bad in ({1: 2, "x": 3}, {"v": float("nan")}, ["not", "a", "dict"]):
+            with pytest.raises(ShardError, match="extra"):
+                w.add("x", **random_record(rng), extra=bad)
