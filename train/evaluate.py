@@ -62,8 +62,10 @@ def evaluate(model, batches, device="cpu", d: Dist = SINGLE, autocast=None) -> d
                 count("mlm_acc", heads["mlm"].logits(out.text[chosen]).argmax(-1), batch["mlm_labels"][chosen])
             masked = batch["region_mask"]
             if task in ("mrc", "mrc_kl") and masked.any():
-                count(f"{task}_acc", heads[task].logits(out.regions[masked]).argmax(-1),
-                      hard_labels(batch["class_probs"][masked]))
+                # the target is the best non-background class, so the prediction is too (the MRC-kl head
+                # also models background, which can be its argmax when the detector is unsure)
+                logits = heads[task].logits(out.regions[masked])  # (M, C)
+                count(f"{task}_acc", logits[:, 1:].argmax(-1) + 1, hard_labels(batch["class_probs"][masked]))
     model.train(was_training)
     if d.enabled:
         names = ["itm_acc", "mlm_acc", "mrc_acc", "mrc_kl_acc"]
