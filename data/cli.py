@@ -91,7 +91,7 @@ def cmd_verify(args) -> int:
 def cmd_index(args) -> int:
     paths, _ = resolve_sources(args.shards)
     with tqdm(total=len(paths), desc="index", unit="shard", disable=args.quiet, leave=False) as bar:
-        index = build_index(args.shards, args.out, force=args.force, progress=bar.update)
+        index = build_index(paths, args.out, force=args.force, progress=bar.update)
     print(f"wrote {args.out}: {len(index['shards'])} shards, {index['total']} records")
     return 0
 

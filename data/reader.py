@@ -218,7 +218,7 @@ class ShardReader(Sequence):
         return self._handle().get(key, 0)
 
     def _read(self, key: bytes) -> Record:
-        h = _HANDLES.get(self.path) or self._handle()
+        h = self._handle()
         value = h.get(key, 0)
         if value is None:
             raise KeyError(f"{self.path}: no record {key.decode('utf-8', 'replace')!r}")

@@ -145,7 +145,9 @@ class ShardWriter:
     # -- queries ------------------------------------------------------------------------------------
 
     def __contains__(self, image_id: str) -> bool:
-        key = encode_key(image_id)
+        return self._has(encode_key(image_id))
+
+    def _has(self, key: bytes) -> bool:
         if key in self._pending_keys:
             return True
         with self._env.begin() as txn:
@@ -173,7 +175,7 @@ class ShardWriter:
         if self._closed:
             raise ShardError(f"{self.path}: writer is closed")
         key = encode_key(image_id)
-        if image_id in self:
+        if self._has(key):
             self.skipped += 1
             return False
         arrays = self._validate(image_id, width, height, boxes, features, class_probs, attr_probs, extra)

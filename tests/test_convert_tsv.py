@@ -128,13 +128,18 @@ REASONS = {"bad base64": "field features is not valid base64", "wrong field coun
            "not a number": "field image_w is 'wide'"}
 
 
-@pytest.mark.parametrize("kind", REASONS)
-def test_malformed_row_stops_the_import_naming_file_and_row(tmp_path, capsys, kind):
+def _tsv_with_bad_row(tmp_path, kind: str, row: int) -> tuple[str, str, list]:
+    """An 8-row TSV whose row at 0-based `row` is broken as `kind`, the shard path to import it to, and
+    the rows as generated."""
     rows = butd_rows(8, boxes=(2, 6))
     lines = [butd_line(r) for r in rows]
-    lines[4] = _break(kind, rows[4])
-    tsv = write_tsv(tmp_path / "in.tsv", lines)
-    shard = str(tmp_path / "s")
+    lines[row] = _break(kind, rows[row])
+    return write_tsv(tmp_path / "in.tsv", lines), str(tmp_path / "s"), rows
+
+
+@pytest.mark.parametrize("kind", REASONS)
+def test_malformed_row_stops_the_import_naming_file_and_row(tmp_path, capsys, kind):
+    tsv, shard, _ = _tsv_with_bad_row(tmp_path, kind, 4)
     assert main(["import", tsv, "-o", shard, "-q", "--commit-every", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{tsv} row 5: {REASONS[kind]}" in err
@@ -145,11 +150,7 @@ def test_malformed_row_stops_the_import_naming_file_and_row(tmp_path, capsys, ki
 
 @pytest.mark.parametrize("kind", REASONS)
 def test_malformed_row_skip_and_report(tmp_path, capsys, kind):
-    rows = butd_rows(8, boxes=(2, 6))
-    lines = [butd_line(r) for r in rows]
-    lines[2] = _break(kind, rows[2])
-    tsv = write_tsv(tmp_path / "in.tsv", lines)
-    shard = str(tmp_path / "s")
+    tsv, shard, rows = _tsv_with_bad_row(tmp_path, kind, 2)
     assert main(["import", tsv, "-o", shard, "-q", "--on-error", "skip"]) == 1
     assert f"row 3: {REASONS[kind]}" in capsys.readouterr().out
     report = [json.loads(x) for x in open(shard + ".import-errors.jsonl")]
