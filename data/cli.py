@@ -120,7 +120,7 @@ def cmd_import(args) -> int:
     r = run_import(source, args.out, on_error=args.on_error, report=args.report, n_jobs=args.jobs,
                    feature_dtype=args.dtype, progress=not args.quiet, commit_every=args.commit_every)
     print(f"imported into {args.out}: {r.added} records added, {r.skipped_existing} already there, "
-          f"{len(r.bad)} bad rows skipped")
+          f"{r.duplicates} identical repeats skipped, {len(r.bad)} bad rows skipped")
     if r.bad:
         for b in r.bad[:10]:
             print(f"  bad: {b['file']}{'' if b['row'] is None else ' row ' + str(b['row'])}: {b['reason']}")
@@ -129,10 +129,16 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .convert import export
+    import warnings
 
-    n = export(args.shards, args.out, args.to, max_boxes=args.max_boxes, progress=not args.quiet)
+    from .convert import ExportWarning, export
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportWarning)
+        n = export(args.shards, args.out, args.to, max_boxes=args.max_boxes, progress=not args.quiet)
     print(f"wrote {args.out}: {n} records as {args.to}")
+    for w in caught:  # what the format could not carry
+        print(f"regionbert-shards export: note: {w.message}", file=sys.stderr)
     return 0
 
 

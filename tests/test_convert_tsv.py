@@ -61,15 +61,19 @@ def test_butd_tsv_import_keeps_every_array_and_says_it_has_no_classes(tmp_path):
 
 
 def test_butd_round_trip_through_export(small_shard, tmp_path):
-    """shard -> BUTD TSV -> shard: same boxes, sizes, float16 features; the class distribution is not kept."""
+    """shard -> BUTD TSV -> shard: same boxes, sizes, float16 features; the class distribution is not kept,
+    and the ids become the numbers they end with (synth/00000007 -> 7), listed in OUT.ids.csv."""
     tsv = str(tmp_path / "out.tsv")
     assert main(["export", small_shard, "--to", "butd_tsv", "-o", tsv, "-q"]) == 0
     back = str(tmp_path / "back")
     assert main(["import", tsv, "-o", back, "-q"]) == 0  # auto-detected from the field count
     a, b = ShardReader(small_shard), ShardReader(back)
-    assert list(a.keys()) == list(b.keys()) and b.meta["extractor"]["source_format"] == "butd_tsv"
+    number = {k: str(int(k.rsplit("/", 1)[1])) for k in a.keys()}
+    assert list(b.keys()) == list(number.values()) and b.meta["extractor"]["source_format"] == "butd_tsv"
+    ids = open(tsv + ".ids.csv").read().splitlines()
+    assert ids[0] == "image_id,original_id" and ids[8] == f"7,{list(a.keys())[7]}"
     for key in a.keys():
-        x, y = a.get(key), b.get(key)
+        x, y = a.get(key), b.get(number[key])
         assert (x.width, x.height) == (y.width, y.height)
         assert np.array_equal(x.boxes, y.boxes) and np.array_equal(x.features, y.features)
         assert np.array_equal(x.loc7, y.loc7) and y.class_probs is None

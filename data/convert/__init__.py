@@ -15,7 +15,7 @@ import os
 
 import h5py
 
-from .common import ConvertError, ImportResult, RowError, run_import
+from .common import ConvertError, ExportWarning, ImportResult, RowError, run_import
 
 IMPORT_FORMATS = ("butd_tsv", "lxmert_tsv", "uniter_npz", "hdf5")
 EXPORT_FORMATS = ("hdf5", "padded_hdf5", "lxmert_tsv", "butd_tsv", "uniter_npz")
@@ -82,5 +82,5 @@ def export(source, out: str, fmt: str, *, max_boxes: int | None = None, progress
     raise ConvertError(f"unknown export format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
 
 
-__all__ = ["ConvertError", "EXPORT_FORMATS", "IMPORT_FORMATS", "ImportResult", "RowError", "detect_format",
-           "export", "open_source", "run_import"]
+__all__ = ["ConvertError", "EXPORT_FORMATS", "ExportWarning", "IMPORT_FORMATS", "ImportResult", "RowError",
+           "detect_format", "export", "open_source", "run_import"]

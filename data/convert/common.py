@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import lmdb
 import numpy as np
+import xxhash
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
@@ -32,6 +34,10 @@ CONVERTER = "regionbert.data.convert"
 
 class ConvertError(ShardError):
     """An import or export that cannot go on; names the file (and row) it is about."""
+
+
+class ExportWarning(UserWarning):
+    """An export that goes on but cannot carry everything the shard holds; says what is left out."""
 
 
 class RowError(Exception):
@@ -91,7 +97,8 @@ class Source:
 class ImportResult:
     shard: str
     added: int = 0
-    skipped_existing: int = 0
+    skipped_existing: int = 0  # ids stored by an earlier run of this import (resume)
+    duplicates: int = 0  # rows repeating an earlier row of this import, same id and same data: skipped
     bad: list[dict] = field(default_factory=list)  # {file, row, image_id, reason}
     report: str | None = None
 
@@ -109,6 +116,25 @@ def check_boxes(file: str, row, boxes: np.ndarray, width: int, height: int, imag
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise RowError(file, row, f"box {i} {boxes[i].tolist()} lies outside the {width}x{height} image", image_id)
+
+
+SOURCE_KEYS = ("source_file", "source_row")  # where a row came from: not part of what it says
+
+
+def content_digest(fields: dict) -> int:
+    """XXH3-64 of what a decoded record says (size, arrays as stored, extra without its source position), to
+    tell an identical repeated image id from a conflicting one without keeping the records in memory."""
+    h = xxhash.xxh3_64()
+    h.update(f"{fields['width']}x{fields['height']}|".encode())
+    for k in ("boxes", "features", "class_probs", "attr_probs"):
+        a = fields.get(k)
+        if a is not None:
+            a = np.ascontiguousarray(a)
+            h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    extra = {k: v for k, v in (fields.get("extra") or {}).items() if k not in SOURCE_KEYS}
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.intdigest()
 
 
 def existing_ids(path: str) -> set[str]:
@@ -132,15 +158,20 @@ def run_import(source: Source, out: str, *, on_error: str = "stop", report: str 
                feature_dtype: str = "float16", progress: bool = True, commit_every: int = 256) -> ImportResult:
     """Decode the source's batches (in parallel), write them into the shard `out` in order.
 
-    on_error "stop": the first bad row raises ConvertError naming file and row; the records before it
-    are committed and the shard stays incomplete. "skip": bad rows go to `report` (JSONL: file, row,
-    image_id, reason; default OUT.import-errors.jsonl, rewritten by every run) and the import goes on."""
+    on_error "stop": the first bad row raises ConvertError naming file and row; every record before it
+    is committed and the shard stays incomplete. "skip": bad rows go to `report` (JSONL: file, row,
+    image_id, reason; default OUT.import-errors.jsonl, rewritten by every run) and the import goes on.
+
+    An image id seen earlier in this import is a bad row if its data differ (the first one is kept), and
+    is counted in `duplicates` and skipped if they are the same. Ids stored by an earlier, interrupted
+    run are skipped before decoding (`skipped_existing`), so they are not compared."""
     if on_error not in ("stop", "skip"):
         raise ConvertError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     s = source.settings
     dtype = s.feature_dtype or feature_dtype
     result = ImportResult(shard=out, report=report or f"{os.path.normpath(out)}.import-errors.jsonl")
     done = existing_ids(out)  # resume: never send these to a worker
+    seen: dict[str, tuple[int, str, int | None]] = {}  # id -> (content digest, file, row) of what this run added
     report_file = None
     bar = tqdm(total=source.total, desc=f"import -> {out}", unit="rec", disable=not progress, dynamic_ncols=True)
 
@@ -179,9 +210,20 @@ def run_import(source: Source, out: str, *, on_error: str = "stop", report: str 
                     if isinstance(d, RowError):
                         bad_row(d)
                         continue
+                    digest = content_digest(d.fields)
+                    if d.image_id in seen:
+                        first_digest, file, row = seen[d.image_id]
+                        if digest == first_digest:
+                            result.duplicates += 1
+                        else:
+                            first = file if row is None else f"{file} row {row}"
+                            bad_row(RowError(d.file, d.row, f"image id {d.image_id!r} was already imported from "
+                                             f"{first} with different data (the first is kept)", d.image_id))
+                        continue
                     try:
                         if w.add(d.image_id, **d.fields):
                             result.added += 1
+                            seen[d.image_id] = (digest, sys.intern(d.file), d.row)
                         else:
                             result.skipped_existing += 1
                     except ShardError as e:  # the writer's own checks (e.g. features overflow float16)

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
 import functools
-import io
 import os
+import re
+import warnings
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from ..reader import ShardSet
-from .common import ConvertError, Decoded, RowError, Settings, Source, check_boxes, describe
+from .common import ConvertError, Decoded, ExportWarning, RowError, Settings, Source, check_boxes, describe
 
 FIELDS = {
     "butd_tsv": ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features"],
@@ -39,10 +39,17 @@ FIELDS = {
 }
 FORMAT_BY_FIELD_COUNT = {len(f): name for name, f in FIELDS.items()}
 LABELS = (("objects_id", np.int64), ("objects_conf", np.float32), ("attrs_id", np.int64), ("attrs_conf", np.float32))
+TRAILING_NUMBER = re.compile(r"([0-9]+)$")
 NO_ATTRIBUTE = ("__no_attribute__", "no_attribute", "__background__", "")  # BUTD: attribute 0 means none
 
 
 # ---- reading ------------------------------------------------------------------------------------------
+
+
+def line_ending(path: str) -> str:
+    """'crlf' or 'lf': how the file's first line ends (kept in the metadata, so export writes it back)."""
+    with open(path, "rb") as f:
+        return "crlf" if f.readline().endswith(b"\r\n") else "lf"
 
 
 def sniff(path: str) -> str | None:
@@ -53,25 +60,6 @@ def sniff(path: str) -> str | None:
     except OSError as e:
         raise ConvertError(f"{path}: cannot read: {e}") from None
     return FORMAT_BY_FIELD_COUNT.get(line.rstrip(b"\r\n").count(b"\t") + 1)
-
-
-def read_lines(path, chunk_rows: int, name: str | None = None):
-    """Yield (first row number, [lines]) chunks of a file (a path or a binary buffer). Each line is read as ONE
-    string column (the separator is a control character that base64 never contains) and split on tabs by us:
-    pandas' C parser would otherwise pad short rows with NaN or stop the whole file at a long one, where we
-    want a per-row error.
-    The C parser has no field size limit (csv.field_size_limit only concerns the csv module)."""
-    row = 1
-    try:
-        chunks = pd.read_csv(path, sep="\x1f", header=None, names=["line"], dtype=str, quoting=csv.QUOTE_NONE,
-                             na_filter=False, skip_blank_lines=False, engine="c", chunksize=chunk_rows,
-                             encoding="utf-8")
-        for chunk in chunks:
-            lines = chunk["line"].tolist()
-            yield row, lines
-            row += len(lines)
-    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
-        raise ConvertError(f"{name or path}: cannot read as a TSV near row {row}: {e}") from None
 
 
 def _int(file, row, image_id, name, text) -> int:
@@ -137,24 +125,50 @@ def decode_line(fmt: str, file: str, row: int, line: str, feature_dim: int | Non
     return Decoded(image_id, file, row, dict(width=w, height=h, boxes=boxes, features=out, extra=extra))
 
 
+def split_lines(buf: bytes) -> list[tuple[bytes, bool]]:
+    """A block of whole lines -> [(line without its ending, ended with CRLF)]. Lines end at b"\n" only, as
+    scan_blocks counts them, so row numbers agree; a final line without a newline is still a line."""
+    parts = buf.split(b"\n")
+    if parts and parts[-1] == b"":
+        parts.pop()  # the block ends with a newline
+    return [(p[:-1], True) if p.endswith(b"\r") else (p, False) for p in parts]
+
+
+def text_of(file: str, row: int, raw: bytes) -> str:
+    """A line's bytes as text, or a RowError naming the row and the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        head = raw[:raw.find(b"\t")] if b"\t" in raw else b""
+        raise RowError(file, row, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1} "
+                       f"({e.reason})", head.decode("utf-8", "replace") or None) from None
+
+
 def decode_block(batch: list, feature_dim: int, dtype: str, fmt: str) -> list:
     """Worker: [(None, (file, offset, length, first_row, skip_rows))] -> [Decoded | RowError], in file order.
-    The worker reads and parses its own block (pandas), so the main process never parses base64 text and
-    only the decoded arrays cross the process boundary."""
+    The worker reads and splits its own block, so the main process never parses base64 text and only the
+    decoded arrays cross the process boundary. It never raises: whatever goes wrong with a row (or with
+    reading the block) comes back as a RowError in its place, so the driver sees every good row before a
+    bad one, whatever the number of workers."""
     out = []
     for _, (file, offset, length, first_row, skip_rows) in batch:
-        with open(file, "rb") as f:
-            f.seek(offset)
-            buf = f.read(length)
-        for first, lines in read_lines(io.BytesIO(buf), len(buf) + 1, name=file):
-            for i, line in enumerate(lines):
-                row = first_row + first - 1 + i
-                if row in skip_rows:
-                    continue
-                try:
-                    out.append(decode_line(fmt, file, row, line, feature_dim, dtype))
-                except RowError as e:
-                    out.append(e)
+        try:
+            with open(file, "rb") as f:
+                f.seek(offset)
+                buf = f.read(length)
+        except OSError as e:
+            out.append(RowError(file, first_row, f"cannot read the rows from here on: {e}"))
+            continue
+        for i, (raw, _crlf) in enumerate(split_lines(buf)):
+            row = first_row + i
+            if row in skip_rows:
+                continue
+            try:
+                out.append(decode_line(fmt, file, row, text_of(file, row, raw), feature_dim, dtype))
+            except RowError as e:
+                out.append(e)
+            except Exception as e:  # noqa: BLE001 - a row we did not foresee still names its row
+                out.append(RowError(file, row, f"unexpected {type(e).__name__}: {e}"))
     return out
 
 
@@ -200,7 +214,9 @@ def tsv_source(paths: list[str], fmt: str | None = None, chunk_rows: int = 8, fe
         for p in paths:
             yield from scan_blocks(p, chunk_rows, skip)
 
+    endings = sorted({line_ending(p) for p in paths})
     extractor = describe(fmt, paths, features_from="float32 base64 in the TSV",
+                         line_ending=endings[0] if len(endings) == 1 else "mixed",
                          class_distribution="none in the source" if fmt == "butd_tsv" else
                          "none in the source: hard labels (objects_id, objects_conf, attrs_id, attrs_conf) "
                          "kept in each record's extra, 0-based over the non-background classes")
@@ -208,20 +224,22 @@ def tsv_source(paths: list[str], fmt: str | None = None, chunk_rows: int = 8, fe
                   functools.partial(decode_block, fmt=fmt))
 
 
-def _probe_dim(paths: list[str], fmt: str) -> int:
+def _probe_dim(paths: list[str], fmt: str, rows: int = 64) -> int:
     """The feature dim of the first row that decodes and has boxes (stated in the shard's metadata)."""
     for p in paths:
-        for first, lines in read_lines(p, 64):
-            for i, line in enumerate(lines):
+        with open(p, "rb") as f:
+            for row in range(1, rows + 1):
+                raw = f.readline()
+                if not raw:
+                    break
                 try:
-                    d = decode_line(fmt, p, first + i, line, None, "float32")
+                    d = decode_line(fmt, p, row, text_of(p, row, split_lines(raw)[0][0]), None, "float32")
                 except RowError:
                     continue
                 if d.fields["features"].shape[0]:
                     return d.fields["features"].shape[1]
-            break  # only the first chunk of each file
-    raise ConvertError(f"{paths[0]}: no row among the first of each file decodes with at least one box, so the "
-                       "feature dim is unknown; pass --feature-dim")
+    raise ConvertError(f"{paths[0]}: no row among the first {rows} of each file decodes with at least one box, so "
+                       "the feature dim is unknown; pass --feature-dim")
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -257,29 +275,84 @@ def hard_labels(rec, meta: dict, shard: str) -> dict:
     return out
 
 
+def numeric_ids(ids, out: str) -> dict[str, str]:
+    """bottom-up-attention's reader does int(image_id): each id -> the decimal number it ends with
+    ('COCO_train2014_000000132417' -> '132417', '42' -> '42'). Refuses (before anything is written) ids
+    with no trailing number and two ids that end in the same number."""
+    mapped: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for image_id in ids:
+        m = TRAILING_NUMBER.search(image_id)
+        if m is None:
+            raise ConvertError(f"{out}: image id {image_id!r} does not end in a number; a bottom-up-attention TSV "
+                               "holds integer ids (its reader does int(image_id)). Export --to lxmert_tsv (string "
+                               "ids) instead")
+        num = str(int(m.group(1)))
+        if num in owner:
+            raise ConvertError(f"{out}: image ids {owner[num]!r} and {image_id!r} both become {num} in a "
+                               "bottom-up-attention TSV (integer ids); export --to lxmert_tsv (string ids) instead")
+        owner[num] = image_id
+        mapped[image_id] = num
+    return mapped
+
+
+def _line_ending(shards: ShardSet) -> str:
+    """The line ending an import recorded (so a CRLF file comes back CRLF), else LF."""
+    found = {(s.meta.get("extractor") or {}).get("line_ending") for s in shards.shards}
+    return "\r\n" if found == {"crlf"} else "\n"
+
+
+def _dropped_labels(shards: ShardSet) -> list[str]:
+    """What a shard holds that a bottom-up-attention TSV (6 fields) has no column for."""
+    meta = shards.meta
+    out = []
+    if meta.get("class_names"):
+        out.append("class distributions (class_probs)")
+    if meta.get("attribute_names"):
+        out.append("attribute distributions (attr_probs)")
+    if not out and any(s.meta.get("extractor", {}).get("source_format") == "lxmert_tsv" for s in shards.shards):
+        out.append("the LXMERT object/attribute labels")
+    return out
+
+
 def export_tsv(source, out: str, fmt: str = "lxmert_tsv", progress: bool = True) -> int:
-    """Shards -> one TSV file (written to OUT.partial, renamed when complete). Returns the record count."""
+    """Shards -> one TSV file (written to OUT.partial, renamed when complete; removed if the export fails).
+    butd_tsv ids become the number each id ends with (see numeric_ids); the original ids go to
+    OUT.ids.csv when any differs. Lines end as the imported file's did (CRLF or LF), else LF.
+    Returns the record count."""
     if fmt not in FIELDS:
         raise ConvertError(f"unknown TSV format {fmt!r}; one of {sorted(FIELDS)}")
     shards = ShardSet(source)
+    ids = numeric_ids(shards.keys(), out) if fmt == "butd_tsv" else None
+    if fmt == "butd_tsv" and (dropped := _dropped_labels(shards)):
+        warnings.warn(ExportWarning(f"{out}: a bottom-up-attention TSV has no columns for {' and '.join(dropped)}; "
+                                    "they are not exported (export --to lxmert_tsv keeps objects_id/objects_conf "
+                                    "and attrs_id/attrs_conf)"), stacklevel=2)
+    eol = _line_ending(shards)
     tmp = out + ".partial"
-    with open(tmp, "w", newline="\n") as f, \
-            tqdm(total=len(shards), desc=f"export {fmt} -> {out}", unit="rec", disable=not progress) as bar:
-        for shard in shards.shards:
-            for i in range(len(shard)):
-                rec = shard[i]
-                if any(c in rec.id for c in "\t\r\n"):
-                    raise ConvertError(f"{shard.path}: record {rec.id!r} has a tab or newline in its id, which a "
-                                       "TSV cannot hold")
-                boxes, feats = _b64(rec.boxes, np.float32), _b64(rec.features, np.float32)
-                n = str(rec.num_boxes)
-                if fmt == "butd_tsv":
-                    row = [rec.id, str(rec.width), str(rec.height), n, boxes, feats]
-                else:
-                    lab = hard_labels(rec, shard.meta, shard.path)
-                    row = [rec.id, str(rec.height), str(rec.width), *(_b64(lab[k], dt) for k, dt in LABELS),
-                           n, boxes, feats]
-                f.write("\t".join(row) + "\n")
-                bar.update(1)
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", newline="") as f, \
+                tqdm(total=len(shards), desc=f"export {fmt} -> {out}", unit="rec", disable=not progress) as bar:
+            for shard in shards.shards:
+                for i in range(len(shard)):
+                    f.write("\t".join(_row(fmt, shard, shard[i], ids)) + eol)
+                    bar.update(1)
+        if ids is not None and any(k != v for k, v in ids.items()):
+            pd.DataFrame({"image_id": list(ids.values()), "original_id": list(ids)}).to_csv(
+                out + ".ids.csv", index=False)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return len(shards)
+
+
+def _row(fmt: str, shard, rec, ids: dict | None) -> list[str]:
+    if any(c in rec.id for c in "\t\r\n"):
+        raise ConvertError(f"{shard.path}: record {rec.id!r} has a tab or newline in its id, which a TSV cannot hold")
+    boxes, feats = _b64(rec.boxes, np.float32), _b64(rec.features, np.float32)
+    n = str(rec.num_boxes)
+    if fmt == "butd_tsv":
+        return [ids[rec.id], str(rec.width), str(rec.height), n, boxes, feats]
+    lab = hard_labels(rec, shard.meta, shard.path)
+    return [rec.id, str(rec.height), str(rec.width), *(_b64(lab[k], dt) for k, dt in LABELS), n, boxes, feats]
