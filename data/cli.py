@@ -146,7 +146,7 @@ def cmd_captions(args) -> int:
     from .convert.captions import convert_captions
 
     report = convert_captions(args.inputs, args.out, key=args.key, split=args.split, shards=args.shards,
-                              drop_missing=args.drop_missing, report_path=args.report)
+                              drop_missing=args.drop_missing, report_path=args.report, raw_splits=args.raw_splits)
     print(report.summary())
     return 0
 
@@ -244,6 +244,8 @@ def _add_convert_commands(sub) -> None:
     s.add_argument("--key", help="shard key template, e.g. '{stem}' (default), '{id}', '{filepath}/{stem}', "
                    "'coco/{id:012d}'; table inputs: their columns")
     s.add_argument("--split", help="split for every caption (default: Karpathy's, or from captions_<split>.json)")
+    s.add_argument("--raw-splits", action="store_true", help="keep the sources' split names (default: train2014 "
+                   "-> train, val2014 -> val, Karpathy's restval -> train)")
     s.add_argument("--shards", nargs="+", help="report captions without features and features without captions")
     s.add_argument("--drop-missing", action="store_true", help="leave out captions whose image is in no shard")
     s.add_argument("--report", help="write the full report (JSON) here")

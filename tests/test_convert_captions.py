@@ -36,8 +36,10 @@ def test_coco_json_to_manifest_with_shard_report(tmp_path, capsys):
     assert "features without captions: 1 images" in printed and "val2014/00000002" in printed
     df = read_manifest(out)  # what the trainer reads
     assert list(df.image_id) == ["val2014/00000000", "val2014/00000001", "val2014/missing", "val2014/missing"]
-    assert set(df.split) == {"val2014"}
+    assert set(df.split) == {"val"}  # the trainer's name; the key template still sees the file's val2014
+    assert "split val: 4 captions of 3 images (from val2014)" in printed
     r = json.load(open(report))
+    assert r["splits"] == {"val": {"captions": 4, "images": 3, "from": ["val2014"]}}
     assert r["images_without_features"] == ["val2014/missing"] and r["images_without_captions"] == [keys[2]]
     assert main(["captions", str(src), "-o", out, "--key", "{split}/{stem}", "--shards", shard,
                  "--drop-missing"]) == 0
@@ -49,7 +51,7 @@ def test_coco_default_key_is_the_file_stem_and_captions_are_normalised(tmp_path)
     assert main(["captions", coco_json(tmp_path), coco_json(tmp_path, "train2014", ids=(9,)), "-o", out]) == 0
     df = read_manifest(out)
     assert df.image_id[0] == "COCO_val2014_000000000042" and df.caption[0] == "A photo 42 number 0."
-    assert list(df.split) == ["val2014"] * 6 + ["train2014"] * 2
+    assert list(df.split) == ["val"] * 6 + ["train"] * 2
     assert main(["captions", coco_json(tmp_path), "-o", out, "--key", "coco/{id:012d}"]) == 0
     assert read_manifest(out).image_id[0] == "coco/000000000042"
 
@@ -66,8 +68,11 @@ def test_karpathy_split_json(tmp_path):
     assert main(["captions", str(src), "-o", out, "--key", "{filepath}/{stem}"]) == 0
     df = read_manifest(out)
     assert list(df.image_id) == ["val2014/COCO_val2014_000000000042"] * 2 + ["train2014/COCO_train2014_000000000009"]
-    assert list(df.split) == ["test", "test", "restval"] and list(read_manifest(out, split="test").caption) == [
-        "A dog.", "A brown dog."]
+    assert list(df.split) == ["test", "test", "train"] and list(read_manifest(out, split="test").caption) == [
+        "A dog.", "A brown dog."]  # Karpathy's convention: train + restval -> train
+    assert list(read_manifest(out, split="train").image_id) == ["train2014/COCO_train2014_000000000009"]
+    assert main(["captions", str(src), "-o", out, "--raw-splits"]) == 0
+    assert list(read_manifest(out).split) == ["test", "test", "restval"]
 
 
 @pytest.mark.parametrize("ext", [".csv", ".tsv", ".jsonl", ".parquet"])

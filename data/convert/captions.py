@@ -16,7 +16,12 @@ Default: '{stem}' for COCO and Karpathy (the image file name without extension, 
 an LXMERT TSV and of `regionbert-extract` run on the image folder itself); the id column for tables.
 E.g. features extracted from coco/images with val2014/ and train2014/ inside have keys
 'val2014/COCO_val2014_000000000042': use --key '{filepath}/{stem}' with Karpathy, or '{split}/{stem}'
-with COCO files named captions_val2014.json.
+with COCO files named captions_val2014.json ({split} in a key template is the source's split name).
+
+Split names: the trainer reads splits `train` and `val`, so the manifest's split column maps the sources'
+names (SPLIT_NAMES; --raw-splits keeps them): COCO's train2014/val2014 (and 2017) -> train/val, and
+Karpathy's restval -> train, the usual Karpathy convention (train + restval = 113,287 COCO training
+images, val 5,000, test 5,000). The report counts captions and images per split and says what was mapped.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from .common import ConvertError
 ID_COLUMNS = ("image_id", "image", "img_id", "id", "cocoid", "filename", "file_name")
 CAPTION_COLUMNS = ("caption", "sentence", "text", "raw")
 TABLES = (".csv", ".tsv", ".jsonl", ".parquet")
+SPLIT_NAMES = {"train2014": "train", "val2014": "val", "test2014": "test", "test2015": "test",
+               "train2017": "train", "val2017": "val", "test2017": "test", "restval": "train"}
 
 
 @dataclass
@@ -45,10 +52,15 @@ class CaptionReport:
     without_features: list[str] = field(default_factory=list)  # caption keys that are in no shard
     without_captions: list[str] = field(default_factory=list)  # shard keys that no caption names
     captions_without_features: int = 0
+    splits: dict = field(default_factory=dict)  # split -> {"captions": n, "images": n, "from": [source names]}
 
     def summary(self) -> str:
         lines = [f"wrote {self.out}: {self.captions} captions of {self.images} images"
                  + (f" ({self.dropped} captions without features left out)" if self.dropped else "")]
+        for name, c in self.splits.items():
+            mapped = [s for s in c["from"] if s != name]
+            lines.append(f"  split {name}: {c['captions']} captions of {c['images']} images"
+                         + (f" (from {' + '.join(c['from'])})" if mapped else ""))
         if self.shards_checked:
             lines.append(f"  captions without features: {self.captions_without_features} captions of "
                          f"{len(self.without_features)} images, e.g. {self.without_features[:5]}")
@@ -177,17 +189,34 @@ def write_manifest(df: pd.DataFrame, out: str) -> None:
     os.replace(tmp, out)
 
 
+def _split_counts(df: pd.DataFrame, source: pd.Series | None) -> dict:
+    """split -> captions, images and the source split names that went into it, in order of appearance."""
+    if "split" not in df.columns:
+        return {}
+    out = {}
+    for name, g in df.groupby("split", sort=False):
+        names = list(dict.fromkeys(source[g.index])) if source is not None else [name]
+        out[name] = {"captions": len(g), "images": int(g["image_id"].nunique()), "from": names}
+    return out
+
+
 def convert_captions(inputs: list[str], out: str, key: str | None = None, split: str | None = None,
-                     shards=None, drop_missing: bool = False, report_path: str | None = None) -> CaptionReport:
-    """Caption files -> one manifest; with `shards`, report (and optionally drop) what does not match."""
+                     shards=None, drop_missing: bool = False, report_path: str | None = None,
+                     raw_splits: bool = False) -> CaptionReport:
+    """Caption files -> one manifest; with `shards`, report (and optionally drop) what does not match.
+    Split names are mapped by SPLIT_NAMES (train2014 -> train, restval -> train, ...) unless raw_splits."""
     rows = [r for p in inputs for r in read_captions(p, key, split)]
     if not rows:
         raise ConvertError(f"{', '.join(inputs)}: no captions")
     df = pd.DataFrame(rows, columns=["image_id", "caption", "split"])
+    source = None
     if df["split"].isna().all():
         df = df.drop(columns="split")
     elif df["split"].isna().any():
         raise ConvertError(f"{', '.join(inputs)}: some captions have a split and some do not; pass --split")
+    elif not raw_splits:
+        source = df["split"]
+        df = df.assign(split=source.map(lambda s: SPLIT_NAMES.get(s, s)))
     report = CaptionReport(out)
     if shards:
         from ..reader import ShardSet
@@ -204,12 +233,14 @@ def convert_captions(inputs: list[str], out: str, key: str | None = None, split:
         if drop_missing:
             report.dropped = report.captions_without_features
             df = df[has]
+    report.splits = _split_counts(df, source)
     write_manifest(df.reset_index(drop=True), out)
     report.captions, report.images = len(df), df["image_id"].nunique()
     if report_path:
         with open(report_path, "w") as f:
             json.dump({"manifest": out, "captions": report.captions, "images": report.images,
-                       "dropped": report.dropped, "captions_without_features": report.captions_without_features,
+                       "dropped": report.dropped, "splits": report.splits,
+                       "captions_without_features": report.captions_without_features,
                        "images_without_features": report.without_features,
                        "images_without_captions": report.without_captions}, f, indent=1)
     return report
