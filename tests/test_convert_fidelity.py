@@ -116,3 +116,110 @@ def test_tsv_round_trip_is_byte_identical_with_float32(tmp_path, fmt, eol):
     assert main(["export", shard, "--to", fmt, "-o", out, "-q"]) == 0
     assert open(out, "rb").read() == src.read_bytes()
     assert not os.path.exists(out + ".ids.csv")  # the ids were integers already
+
+
+def _labelled_shard(path: str) -> str:
+    """Records with a 5-way class distribution (background first) and a 3-way attribute distribution whose
+    index 0 means 'no attribute', as the Visual Genome detector's 1601 / 401 outputs."""
+    rng = np.random.default_rng(1)
+    with ShardWriter(path, feature_dim=4, class_names=["__background__", "a", "b", "c", "d"],
+                     attribute_names=["__no_attribute__", "red", "blue"]) as w:
+        for i, n in enumerate((3, 1, 5)):
+            cp = rng.dirichlet(np.ones(5), n)
+            cp[:, 0] += 1.0  # background is the most likely class, and must still never be the label
+            cp /= cp.sum(1, keepdims=True)
+            ap = rng.dirichlet(np.ones(3), n)
+            ap[:, 0] += 2.0
+            ap /= ap.sum(1, keepdims=True)
+            w.add(f"img{i}", width=20, height=10, boxes=np.tile([1, 1, 5, 5], (n, 1)), features=rng.random((n, 4)),
+                  class_probs=cp, attr_probs=ap)
+    return path
+
+
+def load_obj_tsv(fname):
+    """What LXMERT's src/utils.py load_obj_tsv does with a TSV (DictReader over ten named fields)."""
+    import base64
+    import csv
+    import sys
+
+    csv.field_size_limit(sys.maxsize)
+    names = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes",
+             "boxes", "features"]
+    out = []
+    with open(fname) as f:
+        for item in csv.DictReader(f, names, delimiter="\t"):
+            for key in ("img_h", "img_w", "num_boxes"):
+                item[key] = int(item[key])
+            n = item["num_boxes"]
+            for key, shape, dt in (("objects_id", (n,), np.int64), ("objects_conf", (n,), np.float32),
+                                   ("attrs_id", (n,), np.int64), ("attrs_conf", (n,), np.float32),
+                                   ("boxes", (n, 4), np.float32), ("features", (n, -1), np.float32)):
+                item[key] = np.frombuffer(base64.b64decode(item[key]), dtype=dt).reshape(shape)
+            out.append(item)
+    return out
+
+
+def test_exports_keep_lxmert_labels_background_and_no_attribute_excluded(tmp_path, capsys):
+    import h5py
+
+    shard = _labelled_shard(str(tmp_path / "s"))
+    recs = list(ShardReader(shard))
+    tsv = str(tmp_path / "lx.tsv")
+    assert main(["export", shard, "--to", "lxmert_tsv", "-o", tsv, "-q"]) == 0
+    items = load_obj_tsv(tsv)
+    h5 = str(tmp_path / "p.h5")
+    assert main(["export", shard, "--to", "padded_hdf5", "-o", h5, "-q"]) == 0
+    with h5py.File(h5, "r") as f:
+        padded = {k: f[k][:] for k in ("objects_id", "objects_conf", "attrs_id", "attrs_conf", "attr_probs")}
+    for i, (rec, item) in enumerate(zip(recs, items, strict=True)):
+        cp, ap = np.asarray(rec.class_probs, np.float32), np.asarray(rec.attr_probs, np.float32)
+        want_obj, want_attr = cp[:, 1:].argmax(1), ap[:, 1:].argmax(1)  # id = class index - 1
+        assert item["img_id"] == rec.id and (item["img_w"], item["img_h"]) == (20, 10)
+        assert np.array_equal(item["objects_id"], want_obj) and np.array_equal(item["attrs_id"], want_attr)
+        assert np.array_equal(item["objects_conf"], cp[:, 1:].max(1))
+        assert np.array_equal(item["attrs_conf"], ap[:, 1:].max(1))
+        n = rec.num_boxes
+        assert np.array_equal(padded["objects_id"][i, :n], want_obj) and not padded["objects_id"][i, n:].any()
+        assert np.array_equal(padded["attrs_id"][i, :n], want_attr)
+        assert np.array_equal(padded["attrs_conf"][i, :n], ap[:, 1:].max(1))
+        assert np.array_equal(padded["attr_probs"][i, :n], rec.attr_probs)
+    assert max(int(x["objects_id"].max(initial=0)) for x in items) <= 3  # 4 object classes: ids 0..3
+    capsys.readouterr()
+    assert main(["export", shard, "--to", "butd_tsv", "-o", str(tmp_path / "b.tsv"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "has no columns for class distributions (class_probs) and attribute distributions" in err
+    assert "--to lxmert_tsv keeps" in err
+
+
+def test_tsv_export_warns_about_records_the_original_readers_cannot_read(small_shard, tmp_path, capsys):
+    empty = sum(r.num_boxes == 0 for r in ShardReader(small_shard))
+    assert empty and main(["export", small_shard, "--to", "lxmert_tsv", "-o", str(tmp_path / "x.tsv"), "-q"]) == 0
+    assert f"{empty} records have no boxes; the original readers" in capsys.readouterr().err
+
+
+def test_uniter_npz_export_of_a_shard_without_classes_keeps_what_exists(tmp_path, capsys):
+    rows = butd_rows(4, boxes=(1, 4))
+    src = tmp_path / "in.tsv"
+    src.write_text("".join(butd_line(r) + "\n" for r in rows))
+    shard, folder = str(tmp_path / "s"), tmp_path / "npz"
+    assert main(["import", str(src), "-o", shard, "-q"]) == 0
+    assert main(["export", shard, "--to", "uniter_npz", "-o", str(folder), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "no class distribution" in err and "no soft_labels and conf" in err and "--keep_all" in err
+    with np.load(folder / "1000.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["features", "norm_bb"]
+        np.testing.assert_allclose(z["norm_bb"][:, 0] * rows[0]["w"], rows[0]["boxes"][:, 0], rtol=1e-5)
+    back = str(tmp_path / "back")
+    assert main(["import", str(folder), "-o", back, "-q"]) == 0
+    b = ShardReader(back)
+    assert b.meta["class_names"] is None and sorted(b.keys()) == sorted(r["id"] for r in rows)
+    # from an LXMERT TSV: conf is its objects_conf
+    lx = tmp_path / "lx.tsv"
+    rng = np.random.default_rng(0)
+    lx.write_text("".join(_lxmert_line(r, rng) + "\n" for r in rows))
+    assert main(["import", str(lx), "-o", str(tmp_path / "s2"), "-q"]) == 0
+    assert main(["export", str(tmp_path / "s2"), "--to", "uniter_npz", "-o", str(tmp_path / "npz2"), "-q"]) == 0
+    assert "but no soft_labels:" in capsys.readouterr().err
+    rec = ShardReader(str(tmp_path / "s2")).get("1000")
+    with np.load(tmp_path / "npz2" / "1000.npz", allow_pickle=False) as z:
+        assert np.array_equal(z["conf"], np.float32(rec.extra["objects_conf"]))

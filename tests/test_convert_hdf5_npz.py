@@ -46,7 +46,7 @@ def test_padded_hdf5_too_many_boxes_is_refused(small_shard, tmp_path, capsys):
     out = tmp_path / "p.h5"
     assert main(["export", small_shard, "--to", "padded_hdf5", "--max-boxes", "3", "-o", str(out), "-q"]) == 2
     assert "more than --max-boxes 3" in capsys.readouterr().err
-    assert not out.exists() and (tmp_path / "p.h5.partial").exists()  # never a file that looks finished
+    assert not out.exists() and not (tmp_path / "p.h5.partial").exists()  # never a file that looks finished
 
 
 def _damage_chunk(path: str, dataset: str, chunk: int) -> None:

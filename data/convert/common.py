@@ -118,6 +118,47 @@ def check_boxes(file: str, row, boxes: np.ndarray, width: int, height: int, imag
         raise RowError(file, row, f"box {i} {boxes[i].tolist()} lies outside the {width}x{height} image", image_id)
 
 
+LABELS = (("objects_id", np.int64), ("objects_conf", np.float32), ("attrs_id", np.int64), ("attrs_conf", np.float32))
+NO_ATTRIBUTE = ("__no_attribute__", "no_attribute", "__no_attr__", "__background__", "")  # attribute 0 = none
+
+
+def _best(probs, skip: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """argmax over classes skip.. and its probability; ids count from class `skip` (id = index - skip)."""
+    p = np.asarray(probs, np.float32)[:, skip:]
+    ids = p.argmax(1).astype(np.int64) if n else np.zeros(0, np.int64)
+    return ids, p[np.arange(n), ids]
+
+
+def record_labels(rec, meta: dict) -> dict | None:
+    """LXMERT's per-box hard labels, as its load_obj_tsv reads them: objects_id (N,) int64, objects_conf (N,)
+    float32, attrs_id (N,) int64, attrs_conf (N,) float32. None if the record has neither a class distribution
+    nor stored labels.
+
+    From a class distribution (class 0 = background, as in every shard): objects_id = argmax over classes 1..
+    minus 1, so the 1601 Visual Genome classes give ids 0..1599 as in LXMERT's files; objects_conf = its
+    probability. From an attribute distribution: if attribute_names[0] says "no attribute" (NO_ATTRIBUTE,
+    e.g. '__no_attribute__', as in the 401-way Visual Genome head), it is skipped the same way (ids 0..399);
+    otherwise attrs_id is the plain argmax. Without attributes: attrs_id 0 with attrs_conf 0 (LXMERT weights
+    its attribute loss by the confidence). Records imported from an LXMERT TSV keep the file's labels in
+    `extra`, and those are returned unchanged."""
+    n, extra = rec.num_boxes, rec.extra or {}
+    out = {}
+    if rec.class_probs is not None:
+        out["objects_id"], out["objects_conf"] = _best(rec.class_probs, 1, n)
+    elif "objects_id" in extra and "objects_conf" in extra:
+        out["objects_id"], out["objects_conf"] = extra["objects_id"], extra["objects_conf"]
+    else:
+        return None
+    names = meta.get("attribute_names")
+    if rec.attr_probs is not None:
+        out["attrs_id"], out["attrs_conf"] = _best(rec.attr_probs, 1 if names and names[0] in NO_ATTRIBUTE else 0, n)
+    elif "attrs_id" in extra and "attrs_conf" in extra:
+        out["attrs_id"], out["attrs_conf"] = extra["attrs_id"], extra["attrs_conf"]
+    else:
+        out["attrs_id"], out["attrs_conf"] = np.zeros(n, np.int64), np.zeros(n, np.float32)
+    return {k: np.asarray(out[k], dt).reshape(n) for k, dt in LABELS}
+
+
 SOURCE_KEYS = ("source_file", "source_row")  # where a row came from: not part of what it says
 
 

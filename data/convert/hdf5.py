@@ -15,7 +15,10 @@ The padded layout (what many loaders read directly): R images padded to M boxes.
 
     image_id (R,) strings or ints (we write fixed-length UTF-8 bytes)   num_boxes (R,)
     image_w, image_h (R,) (or image_wh (R, 2))
-    boxes (R, M, 4)   features (R, M, D)   class_probs (R, M, C), optional
+    boxes (R, M, 4)   features (R, M, D)   class_probs (R, M, C), attr_probs (R, M, A): optional
+    objects_id, attrs_id (R, M) int64, objects_conf, attrs_conf (R, M) float32: the hard labels LXMERT's
+        loader reads (common.record_labels), written when the shard has a class distribution or labels
+        kept from an LXMERT TSV; padding rows are 0
 
 Every dataset we write is chunked with fletcher32 checksums, which HDF5 checks on every read; a damaged
 chunk surfaces as an error naming the file and record. Both exports write FILE.partial and rename it
@@ -33,7 +36,7 @@ from tqdm import tqdm
 
 from ..format import peek_num_boxes
 from ..reader import ShardSet
-from .common import ConvertError, Decoded, RowError, Settings, Source, describe
+from .common import LABELS, ConvertError, Decoded, RowError, Settings, Source, describe, record_labels
 
 FORMAT = "regionbert-h5"
 VERSION = 1
@@ -67,6 +70,16 @@ def export_h5(source, out: str, progress: bool = True, batch: int = 256) -> int:
     meta = shards.meta
     dt = np.dtype(meta["feature_dtype"])
     tmp = out + ".partial"
+    try:
+        _write_ours(tmp, shards, meta, dt, progress, batch, out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return len(shards)
+
+
+def _write_ours(tmp: str, shards: ShardSet, meta: dict, dt, progress: bool, batch: int, out: str) -> None:
     with h5py.File(tmp, "w") as f, \
             tqdm(total=len(shards), desc=f"export hdf5 -> {out}", unit="rec", disable=not progress) as bar:
         f.attrs["format"], f.attrs["version"], f.attrs["meta"] = FORMAT, VERSION, json.dumps(meta)
@@ -95,55 +108,79 @@ def export_h5(source, out: str, progress: bool = True, batch: int = 256) -> int:
             bar.update(len(recs))
         f.create_dataset("offsets", data=np.array(offsets, np.int64), fletcher32=True, chunks=True)
         f.create_dataset("extra_offsets", data=np.array(extra_offsets, np.int64), fletcher32=True, chunks=True)
-    os.replace(tmp, out)
-    return len(shards)
+
+
+def _has_labels(shards: ShardSet) -> bool:
+    """Whether the records carry hard labels (a class distribution, or objects_id kept from LXMERT)."""
+    if shards.meta["class_names"] is not None:
+        return True
+    return len(shards) > 0 and "objects_id" in (shards[0].extra or {})
 
 
 def export_padded_h5(source, out: str, max_boxes: int | None = None, progress: bool = True, batch: int = 64) -> int:
     """Shards -> the padded layout. max_boxes: M (default: the largest record). A record with more boxes
-    than M is refused (name a bigger --max-boxes), never silently truncated."""
+    than M is refused (name a bigger --max-boxes), never silently truncated; nothing is left behind."""
     shards = ShardSet(source)
     meta = shards.meta
     if max_boxes is None:  # one cheap pass over the record headers
         max_boxes = max((peek_num_boxes(s.raw(s.key_at(i))) for s in shards.shards for i in range(len(s))),
                         default=0)
     r, m, d = len(shards), max(1, max_boxes), meta["feature_dim"]
-    names = meta["class_names"]
     tmp = out + ".partial"
-    with h5py.File(tmp, "w") as f, \
-            tqdm(total=r, desc=f"export padded_hdf5 -> {out}", unit="rec", disable=not progress) as bar:
-        f.attrs["format"], f.attrs["meta"] = "padded", json.dumps(meta)
-        chk = dict(fletcher32=True)
-        feats = f.create_dataset("features", (r, m, d), np.dtype(meta["feature_dtype"]), chunks=(1, m, d), **chk)
-        boxes = f.create_dataset("boxes", (r, m, 4), np.float32, chunks=(min(r, 256) or 1, m, 4), **chk)
-        probs = None if names is None else \
-            f.create_dataset("class_probs", (r, m, len(names)), np.float16, chunks=(1, m, len(names)), **chk)
-        num, wh, ids = np.zeros(r, np.int32), np.zeros((r, 2), np.int32), []
-        for start in range(0, r, batch):
-            stop = min(start + batch, r)
-            bf = np.zeros((stop - start, m, d), feats.dtype)
-            bb = np.zeros((stop - start, m, 4), np.float32)
-            bp = None if probs is None else np.zeros((stop - start, m, len(names)), np.float16)
-            for i in range(start, stop):
-                rec = shards[i]
-                n = rec.num_boxes
-                if n > m:
-                    raise ConvertError(f"record {rec.id!r} has {n} boxes, more than --max-boxes {m}")
-                num[i], wh[i] = n, (rec.width, rec.height)
-                ids.append(rec.id)
-                bf[i - start, :n], bb[i - start, :n] = rec.features, rec.boxes
-                if bp is not None:
-                    bp[i - start, :n] = rec.class_probs
-            feats[start:stop], boxes[start:stop] = bf, bb
-            if probs is not None:
-                probs[start:stop] = bp
-            bar.update(stop - start)
-        f.create_dataset("num_boxes", data=num, **chk)
-        f.create_dataset("image_w", data=wh[:, 0], **chk)
-        f.create_dataset("image_h", data=wh[:, 1], **chk)
-        f.create_dataset("image_id", data=np.array([i.encode() for i in ids], dtype=bytes), **chk)  # |S: checksummable
-    os.replace(tmp, out)
+    try:
+        with h5py.File(tmp, "w") as f, \
+                tqdm(total=r, desc=f"export padded_hdf5 -> {out}", unit="rec", disable=not progress) as bar:
+            _write_padded(f, shards, r, m, d, batch, bar)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return r
+
+
+def _write_padded(f, shards: ShardSet, r: int, m: int, d: int, batch: int, bar) -> None:
+    meta = shards.meta
+    f.attrs["format"], f.attrs["meta"] = "padded", json.dumps(meta)
+    chk = dict(fletcher32=True)
+    feats = f.create_dataset("features", (r, m, d), np.dtype(meta["feature_dtype"]), chunks=(1, m, d), **chk)
+    arrays = {"features": feats,
+              "boxes": f.create_dataset("boxes", (r, m, 4), np.float32, chunks=(min(r, 256) or 1, m, 4), **chk)}
+    for name, key in (("class_probs", "class_names"), ("attr_probs", "attribute_names")):
+        if meta[key] is not None:
+            k = len(meta[key])
+            arrays[name] = f.create_dataset(name, (r, m, k), np.float16, chunks=(1, m, k), **chk)
+    labels = _has_labels(shards)
+    if labels:
+        for name, dt in LABELS:
+            arrays[name] = f.create_dataset(name, (r, m), dt, chunks=(min(r, 4096) or 1, m), **chk)
+    num, wh, ids = np.zeros(r, np.int32), np.zeros((r, 2), np.int32), []
+    for start in range(0, r, batch):
+        stop = min(start + batch, r)
+        buf = {k: np.zeros((stop - start, *ds.shape[1:]), ds.dtype) for k, ds in arrays.items()}
+        for i in range(start, stop):
+            rec = shards[i]
+            n = rec.num_boxes
+            if n > m:
+                raise ConvertError(f"record {rec.id!r} has {n} boxes, more than --max-boxes {m}")
+            num[i], wh[i] = n, (rec.width, rec.height)
+            ids.append(rec.id)
+            for k in ("features", "boxes", "class_probs", "attr_probs"):
+                if k in buf:
+                    buf[k][i - start, :n] = getattr(rec, k)
+            if labels:
+                lab = record_labels(rec, meta)
+                if lab is None:
+                    raise ConvertError(f"record {rec.id!r} has no class distribution or stored labels, unlike the "
+                                       "first record")
+                for k, _ in LABELS:
+                    buf[k][i - start, :n] = lab[k]
+        for k, ds in arrays.items():
+            ds[start:stop] = buf[k]
+        bar.update(stop - start)
+    f.create_dataset("num_boxes", data=num, **chk)
+    f.create_dataset("image_w", data=wh[:, 0], **chk)
+    f.create_dataset("image_h", data=wh[:, 1], **chk)
+    f.create_dataset("image_id", data=np.array([i.encode() for i in ids], dtype=bytes), **chk)  # |S: checksummable
 
 
 # ---- import -------------------------------------------------------------------------------------------

@@ -30,7 +30,18 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..reader import ShardSet
-from .common import ConvertError, Decoded, ExportWarning, RowError, Settings, Source, check_boxes, describe
+from .common import (
+    LABELS,
+    ConvertError,
+    Decoded,
+    ExportWarning,
+    RowError,
+    Settings,
+    Source,
+    check_boxes,
+    describe,
+    record_labels,
+)
 
 FIELDS = {
     "butd_tsv": ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features"],
@@ -38,9 +49,7 @@ FIELDS = {
                    "boxes", "features"],
 }
 FORMAT_BY_FIELD_COUNT = {len(f): name for name, f in FIELDS.items()}
-LABELS = (("objects_id", np.int64), ("objects_conf", np.float32), ("attrs_id", np.int64), ("attrs_conf", np.float32))
 TRAILING_NUMBER = re.compile(r"([0-9]+)$")
-NO_ATTRIBUTE = ("__no_attribute__", "no_attribute", "__background__", "")  # BUTD: attribute 0 means none
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -250,28 +259,11 @@ def _b64(a, dtype) -> str:
 
 
 def hard_labels(rec, meta: dict, shard: str) -> dict:
-    """objects_id/conf and attrs_id/conf (N,) for LXMERT, from the distributions or the record's extra."""
-    n, extra = rec.num_boxes, rec.extra or {}
-    out = {}
-    if rec.class_probs is not None:
-        p = np.asarray(rec.class_probs[:, 1:], np.float32)  # background (class 0) never wins
-        ids = p.argmax(1) if n else np.zeros(0, np.int64)
-        out["objects_id"], out["objects_conf"] = ids, p[np.arange(n), ids]
-    elif "objects_id" in extra and "objects_conf" in extra:
-        out["objects_id"], out["objects_conf"] = extra["objects_id"], extra["objects_conf"]
-    else:
+    """objects_id/conf and attrs_id/conf (N,) for LXMERT (see common.record_labels), or a ConvertError."""
+    out = record_labels(rec, meta)
+    if out is None:
         raise ConvertError(f"{shard}: record {rec.id!r} has no class distribution and no stored objects_id/"
                            "objects_conf, which an LXMERT TSV needs; export --to butd_tsv instead")
-    names = meta.get("attribute_names")
-    if rec.attr_probs is not None:
-        skip = 1 if names and names[0] in NO_ATTRIBUTE else 0
-        p = np.asarray(rec.attr_probs[:, skip:], np.float32)
-        ids = p.argmax(1) if n else np.zeros(0, np.int64)
-        out["attrs_id"], out["attrs_conf"] = ids, p[np.arange(n), ids]  # 0-based after "no attribute"
-    elif "attrs_id" in extra and "attrs_conf" in extra:
-        out["attrs_id"], out["attrs_conf"] = extra["attrs_id"], extra["attrs_conf"]
-    else:  # no attributes in the shard: confidence 0 (LXMERT weights the attribute loss by it)
-        out["attrs_id"], out["attrs_conf"] = np.zeros(n, np.int64), np.zeros(n, np.float32)
     return out
 
 
@@ -330,12 +322,15 @@ def export_tsv(source, out: str, fmt: str = "lxmert_tsv", progress: bool = True)
                                     "and attrs_id/attrs_conf)"), stacklevel=2)
     eol = _line_ending(shards)
     tmp = out + ".partial"
+    empty = 0
     try:
         with open(tmp, "w", newline="") as f, \
                 tqdm(total=len(shards), desc=f"export {fmt} -> {out}", unit="rec", disable=not progress) as bar:
             for shard in shards.shards:
                 for i in range(len(shard)):
-                    f.write("\t".join(_row(fmt, shard, shard[i], ids)) + eol)
+                    rec = shard[i]
+                    empty += rec.num_boxes == 0
+                    f.write("\t".join(_row(fmt, shard, rec, ids)) + eol)
                     bar.update(1)
         if ids is not None and any(k != v for k, v in ids.items()):
             pd.DataFrame({"image_id": list(ids.values()), "original_id": list(ids)}).to_csv(
@@ -344,6 +339,10 @@ def export_tsv(source, out: str, fmt: str = "lxmert_tsv", progress: bool = True)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    if empty:
+        warnings.warn(ExportWarning(f"{out}: {empty} records have no boxes; the original readers (LXMERT's "
+                                    "load_obj_tsv, bottom-up-attention's read_tsv.py) fail on them: numpy cannot "
+                                    "reshape an empty features field to (0, -1)"), stacklevel=2)
     return len(shards)
 
 
