@@ -153,7 +153,7 @@ def cmd_captions(args) -> int:
 
 def cmd_show(args) -> int:
     from .reader import ShardSet
-    from .show import draw_record, find_image
+    from .show import draw_record, find_image, random_weights
 
     shards = ShardSet(args.shards, check_settings=False)
     if args.id is not None:
@@ -169,11 +169,13 @@ def cmd_show(args) -> int:
         rec = shard[local]
     path = find_image(rec, shard.meta, args.image, args.root)
     try:
-        draw_record(rec, path, shard.meta["class_names"], top=args.top).save(args.out)
+        draw_record(rec, path, shard.meta["class_names"], top=args.top, meta=shard.meta).save(args.out)
     except OSError as e:  # missing or unreadable image, unwritable output
         raise ShardError(f"record {rec.id!r}: {e}") from None
     print(f"wrote {args.out}: {rec.id} ({rec.width}x{rec.height}, {min(rec.num_boxes, args.top)} of "
           f"{rec.num_boxes} boxes) over {path}")
+    if random_weights(shard.meta):
+        print("note: this shard's detector had RANDOM weights (--weights none); the picture says so")
     return 0
 
 

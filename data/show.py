@@ -30,9 +30,29 @@ def find_image(rec: Record, meta: dict, image: str | None = None, root: str | No
     return hits[0]
 
 
+def box_labels(rec: Record) -> tuple[np.ndarray, np.ndarray] | None:
+    """(class index, score) per box: the detector's own labels where the record keeps them (torchvision
+    policy: extra labels/scores, what model(images) returned), else the best non-background class of the
+    stored distribution; None if the record has neither."""
+    extra = rec.extra or {}
+    labels, scores = extra.get("labels"), extra.get("scores")
+    if isinstance(labels, list) and isinstance(scores, list) and len(labels) == len(scores) == rec.num_boxes:
+        return np.asarray(labels, np.int64), np.asarray(scores, np.float32)
+    if rec.class_probs is not None:
+        probs = rec.class_probs[:, 1:].astype(np.float32)  # background is never the label
+        return probs.argmax(1) + 1, probs.max(1)
+    return None
+
+
+def random_weights(meta: dict | None) -> bool:
+    """Whether the shard was extracted by a detector with random weights (--weights none)."""
+    return str(((meta or {}).get("extractor") or {}).get("weights")).lower() == "none"
+
+
 def draw_record(rec: Record, image_path: str, class_names: list[str] | None, top: int = 20,
-                min_width: int = 640) -> Image.Image:
-    """The image (upright, as extracted) with up to `top` boxes, best first by their class score."""
+                min_width: int = 640, meta: dict | None = None) -> Image.Image:
+    """The image (upright, as extracted) with up to `top` boxes, best first by their score. With the shard's
+    `meta`, a detector with random weights is named on the picture."""
     with Image.open(image_path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
     if im.size != (rec.width, rec.height):
@@ -43,18 +63,21 @@ def draw_record(rec: Record, image_path: str, class_names: list[str] | None, top
         im = im.resize((round(rec.width * scale), round(rec.height * scale)), Image.BILINEAR)
     draw = ImageDraw.Draw(im, "RGBA")
     font = ImageFont.load_default(size=max(11, round(12 * scale ** 0.5)))
-    if rec.class_probs is not None:
-        probs = rec.class_probs[:, 1:].astype(np.float32)  # background is never the label
-        labels, scores = probs.argmax(1) + 1, probs.max(1)
-    else:
-        labels, scores = np.zeros(rec.num_boxes, int), np.ones(rec.num_boxes, np.float32)
+    found = box_labels(rec)
+    labelled = found is not None
+    labels, scores = found if labelled else (np.zeros(rec.num_boxes, int), np.ones(rec.num_boxes, np.float32))
     for i in np.argsort(-scores, kind="stable")[:top][::-1]:  # best drawn last, on top
         x1, y1, x2, y2 = (rec.boxes[i] * scale).tolist()
         color = _PALETTE[int(labels[i]) % len(_PALETTE)]
         draw.rectangle([x1, y1, x2, y2], outline=color + (255,), width=max(2, round(scale)))
-        name = class_names[labels[i]] if class_names and rec.class_probs is not None else f"box {i}"
-        text = f"{name} {scores[i]:.2f}" if rec.class_probs is not None else name
+        name = class_names[labels[i]] if class_names and labelled and labels[i] < len(class_names) else f"box {i}"
+        text = f"{name} {scores[i]:.2f}" if labelled else name
         tx0, ty0, tx1, ty1 = draw.textbbox((x1 + 3, y1 + 1), text, font=font)
         draw.rectangle([tx0 - 2, ty0 - 1, tx1 + 2, ty1 + 1], fill=color + (200,))
         draw.text((x1 + 3, y1 + 1), text, fill=(255, 255, 255, 255), font=font)
+    if random_weights(meta):
+        text = "RANDOM WEIGHTS (--weights none): boxes and labels are meaningless"
+        x0, y0, x1, y1 = draw.textbbox((4, 4), text, font=font)
+        draw.rectangle([0, 0, im.width, y1 + 4], fill=(200, 0, 0, 230))
+        draw.text((4, 4), text, fill=(255, 255, 255, 255), font=font)
     return im

@@ -15,10 +15,29 @@ from .images import DEFAULT_MAX_PIXELS
 from .pipeline import ExtractConfig, run, summary_dict
 from .regions import POLICIES, BoxPolicy
 
+# Each torchvision builder's own resize settings (shorter side, cap on the longer side), shown in --help;
+# tests/test_extract_fidelity.py checks them against the built models.
+DEFAULT_SIZES = {"resnet50_fpn_v2": (800, 1333), "resnet50_fpn": (800, 1333), "mobilenet_v3_large_fpn": (800, 1333),
+                 "mobilenet_v3_large_320_fpn": (320, 640)}
+
+
+def _sizes_help(which: int) -> str:
+    """'800 (resnet50_fpn_v2, ...), 320 (mobilenet_v3_large_320_fpn)' for min (0) or max (1) size."""
+    by_value: dict[int, list[str]] = {}
+    for arch, sizes in DEFAULT_SIZES.items():
+        by_value.setdefault(sizes[which], []).append(arch)
+    return ", ".join(f"{v} for {', '.join(archs)}" for v, archs in by_value.items())
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (those options say in words what they default to)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
 
 def parse_args(argv=None) -> ExtractConfig:
-    p = argparse.ArgumentParser(prog="regionbert-extract", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="regionbert-extract", description=__doc__, formatter_class=_Help)
     p.add_argument("images", help="folder of images (recursive) or manifest (.csv .tsv .jsonl .parquet)")
     p.add_argument("-o", "--out", required=True, help="output folder; this job writes shard-IIIII-of-NNNNN in it")
     g = p.add_argument_group("detector")
@@ -28,8 +47,10 @@ def parse_args(argv=None) -> ExtractConfig:
                    help="torchvision weights name (DEFAULT, COCO_V1, ...; downloaded to the torch cache), a "
                         "local checkpoint file, or 'none' (random init: dry runs and tests only)")
     g.add_argument("--seed", type=int, default=0, help="init seed for --weights none")
-    g.add_argument("--min-size", type=int, help="resize shorter side to this (default: the model's, 800)")
-    g.add_argument("--max-size", type=int, help="cap on the longer side (default: the model's, 1333)")
+    g.add_argument("--min-size", type=int, help=f"resize shorter side to this (default: the detector's own: "
+                                                f"{_sizes_help(0)})")
+    g.add_argument("--max-size", type=int, help=f"cap on the longer side (default: the detector's own: "
+                                                f"{_sizes_help(1)})")
     g = p.add_argument_group("boxes")
     g.add_argument("--policy", default="butd", choices=POLICIES)
     g.add_argument("--boxes-per-image", type=int, help="fixed policy: exactly this many boxes (e.g. 36)")
@@ -37,6 +58,8 @@ def parse_args(argv=None) -> ExtractConfig:
     g.add_argument("--max-boxes", type=int, default=100)
     g.add_argument("--conf-thresh", type=float, default=0.2)
     g.add_argument("--nms-thresh", type=float, default=0.3)
+    g.add_argument("--score-thresh", type=float,
+                   help="torchvision policy: the model's box score threshold (default: the model's own, 0.05)")
     g.add_argument("--boxes", dest="boxes_file",
                    help="given policy: JSONL rows {\"id\": ..., \"boxes\": [[x1, y1, x2, y2], ...]}")
     g = p.add_argument_group("manifest")
@@ -47,7 +70,11 @@ def parse_args(argv=None) -> ExtractConfig:
     g = p.add_argument_group("job")
     g.add_argument("--num-shards", type=int, help="split the input into N jobs (default: SLURM array / torchrun, or 1)")
     g.add_argument("--shard-index", type=int, help="this job's part, 0..N-1")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=8,
+                   help="images per forward pass; a batch holds images of one padded shape only, so features do "
+                        "not depend on it")
+    g.add_argument("--group-window", type=int,
+                   help="decoded images that may wait for a same-shape batch (default: 8 x batch size)")
     g.add_argument("--workers", type=int, default=4, help="decoding and resizing processes")
     g.add_argument("--device", default="auto")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast on CUDA")
@@ -74,12 +101,12 @@ def parse_args(argv=None) -> ExtractConfig:
     return ExtractConfig(
         images=a.images, out=a.out,
         detector=DetectorSpec(a.detector, a.weights, a.min_size, a.max_size, a.seed),
-        policy=BoxPolicy(policy, a.nms_thresh, a.conf_thresh, lo, hi),
+        policy=BoxPolicy(policy, a.nms_thresh, a.conf_thresh, lo, hi, a.score_thresh),
         image_root=a.image_root, path_column=a.path_column, id_column=a.id_column,
         allow_outside_root=a.allow_outside_root, boxes_file=a.boxes_file, num_shards=a.num_shards,
         shard_index=a.shard_index, batch_size=a.batch_size, workers=a.workers, device=a.device, amp=a.amp,
         feature_dtype=a.feature_dtype, max_pixels=a.max_pixels, max_failure_fraction=a.max_failure_fraction,
-        commit_every=a.commit_every, append=a.append, progress=not a.quiet)
+        commit_every=a.commit_every, append=a.append, progress=not a.quiet, group_window=a.group_window)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,15 @@
 """The extraction job: images -> one shard. Decoding and resizing run in DataLoader workers, the
 detector runs batched on the main thread, and a writer thread owns the shard, so the model never
-waits on LMDB. Re-running the same job resumes it; bad images go to a failures file."""
+waits on LMDB. Re-running the same job resumes it; bad images go to a failures file.
+
+Batches hold images of one padded shape only. torchvision pads every image of a batch to the batch's
+largest (rounded up to a multiple of 32), and the padding changes the features near it (bench/README.md:
+batch size 1 vs 4 moved same-box features by up to a third of the feature maximum). An image padded
+only to its own multiple of 32 looks the same alone or in a batch, so with this grouping an image's
+features do not depend on which images happen to be read with it, nor on --batch-size (up to float
+rounding of batched kernels). Decoded images wait in per-shape groups (at most `group_window` of them);
+a group runs when it has batch_size images, or, when the window is full, the group holding the oldest
+image runs as it is. Records are still written in input order."""
 
 from __future__ import annotations
 
@@ -60,6 +69,7 @@ class ExtractConfig:
     commit_every: int = 256
     append: bool = False  # add images to a complete shard (safe only while nobody reads it)
     progress: bool = True
+    group_window: int | None = None  # images waiting for a same-shape batch (None: 8 x batch_size)
 
 
 @dataclass
@@ -114,6 +124,60 @@ class ImageDataset(Dataset):
 
 def _collate(batch):
     return batch
+
+
+def padded_shape(image: torch.Tensor, divisible: int) -> tuple[int, int]:
+    """(H, W) of a preprocessed (3, H, W) image after torchvision pads it alone (to a multiple of divisible)."""
+    h, w = image.shape[-2:]
+    return -(-int(h) // divisible) * divisible, -(-int(w) // divisible) * divisible
+
+
+class ShapeBatcher:
+    """Groups items by a shape key into batches of one shape (see the module docstring).
+
+    add(seq, key, item) -> batches ready now; flush() -> the rest. Each batch is a list of (seq, item),
+    seq ascending. At most `window` items wait; when one more would exceed it, the group whose first
+    item is oldest goes out as it is, so no item waits behind an endless stream of other shapes."""
+
+    def __init__(self, batch_size: int, window: int):
+        self.batch_size, self.window = batch_size, max(window, batch_size)
+        self.groups: dict = {}  # key -> [(seq, item)], insertion-ordered by first arrival
+        self.waiting = 0
+
+    def add(self, seq: int, key, item) -> list[list]:
+        out = []
+        group = self.groups.setdefault(key, [])
+        group.append((seq, item))
+        self.waiting += 1
+        if len(group) == self.batch_size:
+            out.append(self._pop(key))
+        while self.waiting > self.window:
+            out.append(self._pop(min(self.groups, key=lambda k: self.groups[k][0][0])))
+        return out
+
+    def flush(self) -> list[list]:
+        return [self._pop(k) for k in sorted(self.groups, key=lambda k: self.groups[k][0][0])]
+
+    def _pop(self, key) -> list:
+        group = self.groups.pop(key)
+        self.waiting -= len(group)
+        return group
+
+
+class InOrder:
+    """Passes results on in sequence order: put(seq, value) may come in any order; `emit` sees
+    seq 0, 1, 2, ... (value None: nothing to pass on for that seq, e.g. a failed image)."""
+
+    def __init__(self, emit):
+        self.emit, self.next, self.held = emit, 0, {}
+
+    def put(self, seq: int, value) -> None:
+        self.held[seq] = value
+        while self.next in self.held:
+            v = self.held.pop(self.next)
+            if v is not None:
+                self.emit(v)
+            self.next += 1
 
 
 def _worker_init(_):
@@ -188,12 +252,18 @@ def run(cfg: ExtractConfig) -> Summary:
         boxes = read_boxes(cfg.boxes_file)
     device = resolve_device(cfg.device)
     model, class_names, info = build_detector(cfg.detector)
+    cfg.policy.apply(model)
     model.to(device)
     extractor = RegionExtractor(model, cfg.policy)
+    window = cfg.group_window or 8 * cfg.batch_size
+    divisible = int(model.transform.size_divisible)
     settings = {"name": "regionbert.extract", **info, **cfg.policy.describe(model),
                 "amp": cfg.amp if device.type == "cuda" else "none",
+                "batch_grouping": f"same padded shape (multiple of {divisible}): features do not depend on the "
+                                  "batch",
                 "job": {"shard_index": shard_index, "num_shards": num_shards, "host": socket.gethostname(),
-                        "images": os.path.abspath(cfg.images), "device": str(device)}}
+                        "images": os.path.abspath(cfg.images), "device": str(device),
+                        "batch_size": cfg.batch_size, "group_window": window}}
     feature_dim = _box_feature_dim(model)
 
     os.makedirs(cfg.out, exist_ok=True)
@@ -226,30 +296,37 @@ def run(cfg: ExtractConfig) -> Summary:
         thread = _ShardWriterThread(writer, fail)
         thread.start()
         start = time.perf_counter()
+        in_order = InOrder(thread.queue.put)
+        batcher = ShapeBatcher(cfg.batch_size, window)
+
+        def run_batch(group: list) -> None:
+            good = [b for _, b in group]
+            images = [b["image"].to(device, non_blocking=True) for b in good]
+            given = [b["boxes"] for b in good] if boxes is not None else None
+            with autocast_for(device, cfg.amp):
+                results = extractor(images, [b["size"] for b in good], given)
+            for (seq, b), r in zip(group, results, strict=True):
+                in_order.put(seq, (ImageItem(b["id"], b["path"]), record_fields(b, r, cfg.policy)))
+            if thread.error is not None:
+                raise thread.error
+            bar.update(len(group))
+
         with tqdm(total=len(todo), unit="img", desc=os.path.basename(shard), disable=not cfg.progress,
                   dynamic_ncols=True) as bar:
+            seq = 0
             for batch in loader:
-                good = [b for b in batch if b["error"] is None]
                 for b in batch:
                     if b["error"] is not None:
                         fail(ImageItem(b["id"], b["path"]), b["error"])
-                if good:
-                    images = [b["image"].to(device, non_blocking=True) for b in good]
-                    given = [b["boxes"] for b in good] if boxes is not None else None
-                    with autocast_for(device, cfg.amp):
-                        results = extractor(images, [b["size"] for b in good], given)
-                    for b, r in zip(good, results, strict=True):
-                        h, w = b["size"]
-                        boxes_px = r["boxes"].float().cpu().numpy()
-                        np.clip(boxes_px, 0, [w, h, w, h], out=boxes_px)  # float rounding when scaling back
-                        thread.queue.put((ImageItem(b["id"], b["path"]), {
-                            "width": w, "height": h, "boxes": boxes_px,
-                            "features": r["features"].float().cpu().numpy(),
-                            "class_probs": r["class_probs"].float().cpu().numpy()}))
-                if thread.error is not None:
-                    raise thread.error
-                bar.update(len(batch))
+                        in_order.put(seq, None)
+                        bar.update(1)
+                    else:
+                        for group in batcher.add(seq, padded_shape(b["image"], divisible), b):
+                            run_batch(group)
+                    seq += 1
                 bar.set_postfix(failed=len(failures), refresh=False)
+            for group in batcher.flush():
+                run_batch(group)
         ok = True
     finally:
         try:
@@ -271,6 +348,19 @@ def run(cfg: ExtractConfig) -> Summary:
     if thread is not None and thread.error is not None:
         raise thread.error
     return summary
+
+
+def record_fields(b: dict, r: dict, policy) -> dict:
+    """ShardWriter.add fields for one image's extractor result. The torchvision policy also keeps each
+    detection's label (class index) and score, as model(images) returns them, in extra."""
+    h, w = b["size"]
+    boxes_px = r["boxes"].float().cpu().numpy()
+    np.clip(boxes_px, 0, [w, h, w, h], out=boxes_px)  # float rounding when scaling back
+    fields = {"width": w, "height": h, "boxes": boxes_px, "features": r["features"].float().cpu().numpy(),
+              "class_probs": r["class_probs"].float().cpu().numpy()}
+    if policy.name == "torchvision":
+        fields["extra"] = {"labels": r["labels"].cpu().tolist(), "scores": r["scores"].float().cpu().tolist()}
+    return fields
 
 
 def _box_feature_dim(model) -> int:

@@ -1,17 +1,20 @@
 """One forward pass of a torchvision Faster R-CNN that returns region features with the boxes.
 
-backbone, RPN and the box head run once per batch. Each kept box's feature is the box head's output
-(1024-d) for the proposal it came from, and its class distribution is the softmax over all classes,
-background included, from that same pass: nothing is pooled twice and no backbone runs twice.
+backbone, RPN and the box head run once per batch. Every feature is the box head's output (1024-d) for
+one box pooled from the feature maps (RoIAlign), and its class distribution is the softmax over all
+classes, background included, from that same pass: nothing is pooled twice and no backbone runs twice.
 
-Box policies (which boxes an image keeps):
+Box policies (which boxes an image keeps), and which box each stored feature was pooled from:
   butd         as in bottom-up-attention: per-class NMS over the proposals, each proposal scored by
                its best surviving class, keep conf >= 0.2, at least 10 and at most 100, each proposal
-               once; the stored boxes are the proposals
+               once; the stored box is the RPN proposal, and the feature is pooled from that same box
   fixed        the same ranking, exactly K boxes per image (K = min_boxes = max_boxes, e.g. 36)
-  torchvision  exactly what model(images) returns (class-regressed boxes; a proposal can appear once
-               per label), with each detection's proposal features
-  given        boxes the caller supplies per image (xyxy pixels of the original image)
+  torchvision  exactly what model(images) returns: the stored box is the class-regressed detection box
+               (a proposal can appear once per label), but the feature and class distribution are those
+               of the PROPOSAL it was regressed from (pooled from the proposal, not from the stored box),
+               as in torchvision; each detection's label and score go to the record's extra
+  given        boxes the caller supplies per image (xyxy pixels of the original image); the feature is
+               pooled from that box
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class BoxPolicy:
     conf_thresh: float = 0.2  # butd: keep proposals whose best class scores at least this
     min_boxes: int = 10
     max_boxes: int = 100
+    score_thresh: float | None = None  # torchvision: the model's box_score_thresh (None: the model's own, 0.05)
 
     def __post_init__(self):
         if self.name not in POLICIES:
@@ -45,17 +49,37 @@ class BoxPolicy:
         if not 0 < self.min_boxes <= self.max_boxes:
             raise ValueError(f"need 0 < min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}")
 
+    def apply(self, model) -> None:
+        """Settings of this policy that live in the model (torchvision: its score threshold)."""
+        if self.name == "torchvision" and self.score_thresh is not None:
+            model.roi_heads.score_thresh = float(self.score_thresh)
+
     def describe(self, model) -> dict:
-        """What the shard metadata records about the boxes."""
+        """What the shard metadata records about the boxes: the policy, which box each feature was pooled
+        from, the thresholds, and the RPN settings that decide the proposals (all but 'given')."""
+        if self.name == "given":
+            return {"box_policy": "given", "boxes": "given", "features_from": "the given box"}
+        rpn = rpn_settings(model)
         if self.name == "torchvision":
             rh = model.roi_heads
             return {"box_policy": "torchvision", "boxes": "class_regressed",
-                    "thresholds": {"score_thresh": rh.score_thresh, "nms_thresh": rh.nms_thresh,
-                                   "detections_per_img": rh.detections_per_img}}
-        if self.name == "given":
-            return {"box_policy": "given", "boxes": "given"}
-        thresholds = {k: v for k, v in asdict(self).items() if k != "name"}
-        return {"box_policy": self.name, "boxes": "proposals", "thresholds": thresholds}
+                    "features_from": "the proposal each detection was regressed from", **rpn,
+                    "labels": "extra.labels, extra.scores: model(images)'s label (class index) and score per box",
+                    "thresholds": {"score_thresh": float(rh.score_thresh), "nms_thresh": float(rh.nms_thresh),
+                                   "detections_per_img": int(rh.detections_per_img)}}
+        thresholds = {k: v for k, v in asdict(self).items() if k not in ("name", "score_thresh")}
+        return {"box_policy": self.name, "boxes": "proposals", "features_from": "the stored box (the proposal)",
+                **rpn, "thresholds": thresholds}
+
+
+def rpn_settings(model) -> dict:
+    """The RPN settings (test mode) that decide which proposals the box head sees."""
+    rpn = getattr(model, "rpn", None)
+    if rpn is None:
+        return {}
+    return {"rpn_pre_nms_top_n": int(rpn._pre_nms_top_n["testing"]),
+            "rpn_post_nms_top_n": int(rpn._post_nms_top_n["testing"]),
+            "rpn_nms_thresh": float(rpn.nms_thresh), "rpn_score_thresh": float(rpn.score_thresh)}
 
 
 def preprocess(transform, image: Tensor) -> Tensor:
