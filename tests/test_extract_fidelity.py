@@ -92,16 +92,30 @@ def test_shape_batcher_batches_one_shape_keeps_everything_and_bounds_the_wait():
     assert [seq for seq, _ in batches[0]] == [0, 2, 4]  # full: goes at once
 
 
+def random_checkpoint(path, arch="mobilenet_v3_large_320_fpn", seed=0) -> str:
+    """Seeded random weights whose biases and batch-norm means are random too. torchvision initialises
+    those to 0, which makes zero padding invisible to the network; trained weights are not like that."""
+    model, _, _ = build_detector(DetectorSpec(arch, "none", seed=seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith(("running_mean", ".bias")) and t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
 def test_features_do_not_depend_on_the_batch(tmp_path):
     """The same boxes in batches of 1 and of 4: images of different sizes used to be padded to the batch's
-    largest, which moved the features by up to a third of their maximum (bench/README.md)."""
+    largest, which moved the features by up to a fifth of their maximum (bench/README.md)."""
     root = _folder(tmp_path)
     rows = [{"id": f"img{i:02d}", "boxes": [[0, 0, w, h], [2, 3, w // 2, h // 2], [w // 3, h // 3, w - 1, h - 1]]}
             for i, (h, w) in enumerate(SIZES)]
     (tmp_path / "boxes.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    given = ["--policy", "given", "--boxes", str(tmp_path / "boxes.jsonl")]
+    weights = random_checkpoint(tmp_path / "w.pt")
+    args = ["--policy", "given", "--boxes", str(tmp_path / "boxes.jsonl"), *FAST, "--weights", weights]
     for bs in ("1", "4"):
-        assert main([str(root), "-o", str(tmp_path / f"b{bs}"), "--batch-size", bs, *given, *FAST]) == 0
+        assert main([str(root), "-o", str(tmp_path / f"b{bs}"), "--batch-size", bs, *args]) == 0
     one, four = _shard(tmp_path / "b1"), _shard(tmp_path / "b4")
     assert list(four.keys()) == list(one.keys()) == [r["id"] for r in rows]  # written in input order
     ex = four.meta["extractor"]
