@@ -46,7 +46,8 @@ def box_labels(rec: Record) -> tuple[np.ndarray, np.ndarray] | None:
 
 def random_weights(meta: dict | None) -> bool:
     """Whether the shard was extracted by a detector with random weights (--weights none)."""
-    return str(((meta or {}).get("extractor") or {}).get("weights")).lower() == "none"
+    weights = ((meta or {}).get("extractor") or {}).get("weights")
+    return isinstance(weights, str) and weights.lower() == "none"  # null (unknown, e.g. imported) is not random
 
 
 def draw_record(rec: Record, image_path: str, class_names: list[str] | None, top: int = 20,

@@ -1,4 +1,4 @@
-"""bottom-up-attention and LXMERT TSV files: import (streamed in pandas chunks, decoded in parallel) and export.
+"""bottom-up-attention and LXMERT TSV files: import (streamed in blocks of lines, decoded in parallel) and export.
 
 Both are tab-separated, no header, one image per line, arrays as base64 of raw little-endian bytes:
 
@@ -6,14 +6,16 @@ Both are tab-separated, no header, one image per line, arrays as base64 of raw l
     lxmert_tsv  img_id  img_h  img_w  objects_id  objects_conf  attrs_id  attrs_conf  num_boxes  boxes  features
 
 boxes (N, 4) float32 xyxy pixels; features (N, D) float32; objects_id / attrs_id (N,) int64;
-objects_conf / attrs_conf (N,) float32. Row numbers in errors are 1-based line numbers of the file.
+objects_conf / attrs_conf (N,) float32. Row numbers in errors are 1-based line numbers of the file
+(lines end at \n; a \r before it is part of the line ending, and the first line's ending is recorded so
+the export writes the same). Each line must be UTF-8 (in practice ASCII); one that is not is a bad row.
 
 What a shard keeps from an LXMERT TSV: objects_id is only the argmax over the non-background classes
 and objects_conf its probability, not the distribution, so the shard stores no class_probs (its
 class_names is null) and keeps the hard labels in each record's `extra` (objects_id, objects_conf,
 attrs_id, attrs_conf, as in the file: 0-based over the non-background classes). Exporting to LXMERT
-TSV derives them from the class distribution (argmax over classes 1.., id = class index - 1), or
-takes them from `extra` for shards that came from an LXMERT TSV.
+TSV derives them from the class distribution (common.record_labels), or takes them from `extra` for
+shards that came from an LXMERT TSV. Exporting to bottom-up-attention TSV writes integer ids (numeric_ids).
 """
 
 from __future__ import annotations
