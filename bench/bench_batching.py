@@ -95,7 +95,7 @@ def main() -> None:
             pre = [preprocess(model.transform, im) for im in images]
         shapes = [tuple(x.shape[-2:]) for x in pre]
         n, bs = len(images), a.batch_size
-        batcher = ShapeBatcher(bs, 8 * bs)
+        batcher = ShapeBatcher(bs, 4 * bs)
         grouped = [b for i in range(n) for b in batcher.add(i, padded_shape(pre[i], 32), i)] + batcher.flush()
         plans = {"alone": [[i] for i in range(n)],
                  "before": [list(range(i, min(i + bs, n))) for i in range(0, n, bs)],

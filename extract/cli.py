@@ -74,7 +74,8 @@ def parse_args(argv=None) -> ExtractConfig:
                    help="images per forward pass; a batch holds images of one padded shape only, so features do "
                         "not depend on it")
     g.add_argument("--group-window", type=int,
-                   help="decoded images that may wait for a same-shape batch (default: 8 x batch size)")
+                   help="decoded images that may wait for a same-shape batch (default: 4 x batch size; each "
+                        "holds a resized image in memory)")
     g.add_argument("--workers", type=int, default=4, help="decoding and resizing processes")
     g.add_argument("--device", default="auto")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="autocast on CUDA")

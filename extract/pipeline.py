@@ -69,7 +69,7 @@ class ExtractConfig:
     commit_every: int = 256
     append: bool = False  # add images to a complete shard (safe only while nobody reads it)
     progress: bool = True
-    group_window: int | None = None  # images waiting for a same-shape batch (None: 8 x batch_size)
+    group_window: int | None = None  # images waiting for a same-shape batch (None: 4 x batch_size)
 
 
 @dataclass
@@ -255,7 +255,7 @@ def run(cfg: ExtractConfig) -> Summary:
     cfg.policy.apply(model)
     model.to(device)
     extractor = RegionExtractor(model, cfg.policy)
-    window = cfg.group_window or 8 * cfg.batch_size
+    window = cfg.group_window or 4 * cfg.batch_size
     divisible = int(model.transform.size_divisible)
     settings = {"name": "regionbert.extract", **info, **cfg.policy.describe(model),
                 "amp": cfg.amp if device.type == "cuda" else "none",
