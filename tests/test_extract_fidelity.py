@@ -107,7 +107,7 @@ def random_checkpoint(path, arch="mobilenet_v3_large_320_fpn", seed=0) -> str:
 
 def test_features_do_not_depend_on_the_batch(tmp_path):
     """The same boxes in batches of 1 and of 4: images of different sizes used to be padded to the batch's
-    largest, which moved the features by up to a fifth of their maximum (bench/README.md)."""
+    largest, which moved the features by up to 31% of their maximum (bench/README.md)."""
     root = _folder(tmp_path)
     rows = [{"id": f"img{i:02d}", "boxes": [[0, 0, w, h], [2, 3, w // 2, h // 2], [w // 3, h // 3, w - 1, h - 1]]}
             for i, (h, w) in enumerate(SIZES)]
