@@ -4,7 +4,7 @@ waits on LMDB. Re-running the same job resumes it; bad images go to a failures f
 
 Batches hold images of one padded shape only. torchvision pads every image of a batch to the batch's
 largest (rounded up to a multiple of 32), and the padding changes the features near it (bench/README.md:
-batch size 1 vs 4 moved same-box features by up to a third of the feature maximum). An image padded
+batch size 1 vs 4 moved same-box features by up to 31% of the feature maximum). An image padded
 only to its own multiple of 32 looks the same alone or in a batch, so with this grouping an image's
 features do not depend on which images happen to be read with it, nor on --batch-size (up to float
 rounding of batched kernels). Decoded images wait in per-shape groups (at most `group_window` of them);
