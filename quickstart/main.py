@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     reader = ShardReader(summary.shard)
     rec = reader[0]
     picture = os.path.join(out, "example_regions.png")
-    draw_record(rec, os.path.join(data["images"], rec.id + ".jpg"), reader.meta["class_names"], top=12).save(picture)
+    draw_record(rec, os.path.join(data["images"], rec.id + ".jpg"), reader.meta["class_names"], top=12,
+                meta=reader.meta).save(picture)  # names random weights on the picture
     print(f"  {picture}")
 
     _step(5, f"pretraining a tiny model for {args.steps} steps (MLM, ITM + WRA, MRFR, MRC-kl)")
