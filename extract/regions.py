@@ -46,6 +46,9 @@ class BoxPolicy:
             raise ValueError(f"unknown box policy {self.name!r}; choose one of {', '.join(POLICIES)}")
         if self.name == "fixed" and self.min_boxes != self.max_boxes:
             raise ValueError("the fixed policy keeps exactly K boxes: set min_boxes == max_boxes")
+        if self.score_thresh is not None and self.name != "torchvision":
+            raise ValueError("a score threshold (--score-thresh) belongs to the torchvision policy; the butd and "
+                             "fixed policies use conf_thresh (--conf-thresh)")
         if not 0 < self.min_boxes <= self.max_boxes:
             raise ValueError(f"need 0 < min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}")
 

@@ -64,6 +64,14 @@ def test_torchvision_policy_stores_model_labels_and_scores_and_show_uses_them(tm
     assert r > 150 and g < 60 and b < 60  # the red banner across the top
 
 
+def test_score_thresh_belongs_to_the_torchvision_policy():
+    from regionbert.extract.regions import BoxPolicy
+
+    with pytest.raises(ValueError, match="belongs to the torchvision policy"):
+        BoxPolicy("butd", score_thresh=0.1)
+    assert BoxPolicy("torchvision", score_thresh=0.1).score_thresh == 0.1
+
+
 def test_show_has_no_banner_for_a_shard_with_real_weights(tmp_path, capsys):
     from regionbert.data import ShardWriter
 
