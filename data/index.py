@@ -8,15 +8,21 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
-import xxhash
-
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
-from .format import decode_record, peek_num_boxes, stored_checksum
-from .reader import ShardReader, _handle, resolve_sources
-from .writer import comparable_settings, now_iso, settings_diff
-
-INDEX_FORMAT = "regionbert-index"
-INDEX_VERSION = 1
+from .format import (
+    comparable_settings,
+    content_hash_of,
+    content_hasher,
+    decode_record,
+    hash_entry,
+    now_iso,
+    peek_num_boxes,
+    settings_diff,
+    stored_checksum,
+)
+from .handles import get_handle as _handle
+from .indexfile import INDEX_FORMAT, INDEX_VERSION, load_index  # noqa: F401 - load_index: public API
+from .reader import ShardReader, resolve_sources
 
 
 @dataclass
@@ -33,31 +39,15 @@ class VerifyReport:
         return not self.bad and not self.problems
 
 
-def _hasher(meta: dict):
-    h = xxhash.xxh3_128()
-    h.update(json.dumps(comparable_settings(meta), sort_keys=True).encode())
-    return h
-
-
-def _hash_entry(h, key: bytes, checksum: int) -> None:
-    h.update(struct.pack("<I", len(key)) + key + struct.pack("<Q", checksum))
-
-
 def content_hash(path: str) -> str:
     """A hash of the shard's logical content (settings, then each key and record checksum in order).
 
     It ignores LMDB's page layout, so a compacting copy keeps it. It trusts the stored checksums;
-    `verify` recomputes them."""
+    `verify` recomputes them. A complete shard also stores it in its state (the writer does, at close),
+    which is what readers compare with an index."""
     h = _handle(os.path.abspath(path), refresh=True)
-    hasher = _hasher(h.meta)
     with h.snapshot() as (txn, records, order, _):
-        for _, key in txn.cursor(db=order):
-            key = bytes(key)
-            value = txn.get(key, db=records)
-            if value is None:
-                raise ShardError(f"{path}: order table names {key!r}, which has no record")
-            _hash_entry(hasher, key, stored_checksum(value))
-    return "xxh3_128:" + hasher.hexdigest()
+        return content_hash_of(txn, records, order, h.meta, path)
 
 
 def verify_shard(path: str, progress=None) -> VerifyReport:
@@ -70,7 +60,7 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
         report.problems.append(str(e))
         return report
     report.count = h.count
-    hasher = _hasher(h.meta)
+    hasher = content_hasher(h.meta)
     with h.snapshot() as (txn, records, order, _):
         n_records = txn.stat(records)["entries"]
         if n_records != h.count:
@@ -92,7 +82,7 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
             try:
                 rec = decode_record(key, value, verify=True, expect=h.expect)
                 rec.extra  # noqa: B018 - parse it: verify checks every field
-                _hash_entry(hasher, key, stored_checksum(value))
+                hash_entry(hasher, key, stored_checksum(value))
             except CorruptRecordError as e:
                 report.bad.append((name, e.reason))
     if not h.complete:
@@ -192,26 +182,4 @@ def build_index(sources, out_path: str, force: bool = False, progress=None) -> d
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out_path)  # never a half-written index
-    return index
-
-
-def load_index(path: str) -> dict:
-    """Read an index; shard paths come back absolute."""
-    try:
-        with open(path) as f:
-            index = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{path}: cannot read index: {e}") from None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ShardError(f"{path}: not a {INDEX_FORMAT} file")
-    if index.get("version") != INDEX_VERSION:
-        raise ShardError(f"{path}: index version {index.get('version')!r}, this regionbert reads {INDEX_VERSION}")
-    base = os.path.dirname(os.path.abspath(path))
-    shards = index.get("shards")
-    if not isinstance(shards, list):
-        raise ShardError(f"{path}: index has no list of shards")
-    for i, s in enumerate(shards):
-        if not (isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("count"), int)):
-            raise ShardError(f"{path}: shard entry {i} needs a string 'path' and an integer 'count'")
-        s["path"] = os.path.normpath(os.path.join(base, s["path"]))
     return index
