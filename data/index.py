@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
+import lmdb
+
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
 from .format import (
+    DB_META,
+    DB_ORDER,
+    DB_RECORDS,
+    META_STATE,
     comparable_settings,
     content_hash_of,
     content_hasher,
     decode_record,
+    decode_state,
+    encode_json,
     hash_entry,
     now_iso,
     peek_num_boxes,
@@ -21,7 +30,8 @@ from .format import (
     stored_checksum,
 )
 from .handles import get_handle as _handle
-from .indexfile import INDEX_FORMAT, INDEX_VERSION, load_index  # noqa: F401 - load_index: public API
+from .indexfile import INDEX_FORMAT, INDEX_VERSION, check_inside, load_index  # noqa: F401 - load_index: public API
+from .lock import WriterLock, check_not_written
 from .reader import ShardReader, resolve_sources
 
 
@@ -88,6 +98,10 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
     if not h.complete:
         report.problems.append("incomplete: the writer did not finish (rerun the job to resume it)")
     report.content_hash = "xxh3_128:" + hasher.hexdigest()
+    stored = h.state.get("content_hash")
+    if stored is not None and not report.bad and stored != report.content_hash:
+        report.problems.append(f"the state's stored content hash {stored} is not the records' (what readers "
+                               "compare with an index); the shard was altered after its writer closed it")
     return report
 
 
@@ -113,34 +127,54 @@ def summarize(path: str) -> dict:
 
 def compact_copy(src: str, dst: str) -> str:
     """Publish a complete shard: a compacting copy (free pages dropped, pages in order) to dst, checked
-    by content hash. Written to dst + '.partial' and renamed, so dst is whole or absent."""
+    by content hash. Written to dst + '.partial' and renamed, so dst is whole or absent. The copy holds
+    dst's writer lock (a second copy to the same place is refused), refuses a source that is being
+    written, and carries the content hash in its state (stored there if the source predates that)."""
     src = os.path.abspath(src)
+    check_not_written(src)
     h = _handle(src, refresh=True)
     if not h.complete or h.env is None:
         raise ShardError(f"{src}: shard is incomplete (its writer did not finish); finish it before publishing")
-    if os.path.exists(dst):
-        raise ShardError(f"{dst}: already exists; copy to a new path")
-    tmp = dst.rstrip("/") + ".partial"
-    if os.path.exists(tmp):
-        import shutil
-
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    h.env.copy(tmp, compact=True)
-    expected, got = content_hash(src), content_hash(tmp)
-    if got != expected:
-        raise ShardError(f"{tmp}: copy's content hash {got} differs from the source's {expected}")
-    os.replace(tmp, dst)
+    with WriterLock(dst):
+        if os.path.exists(dst):
+            raise ShardError(f"{dst}: already exists; copy to a new path")
+        tmp = dst.rstrip("/") + ".partial"
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        h.env.copy(tmp, compact=True)
+        expected, got = content_hash(src), _copy_hash(tmp, h.meta)
+        if got != expected:
+            raise ShardError(f"{tmp}: copy's content hash {got} differs from the source's {expected}")
+        os.replace(tmp, dst)
     return got
+
+
+def _copy_hash(path: str, meta: dict) -> str:
+    """The content hash of a fresh copy (not yet read by anyone, so opened here for writing without LMDB's
+    lock file), stored into its state if missing there."""
+    env = lmdb.open(path, subdir=True, max_dbs=3, lock=False)
+    try:
+        records, order, meta_db = (env.open_db(n, create=False) for n in (DB_RECORDS, DB_ORDER, DB_META))
+        with env.begin(write=True) as txn:
+            digest = content_hash_of(txn, records, order, meta, path)
+            state = decode_state(path, txn.get(META_STATE, db=meta_db))
+            if state.get("content_hash") != digest:
+                txn.put(META_STATE, encode_json({**state, "content_hash": digest}), db=meta_db)
+        env.sync(True)
+    finally:
+        env.close()
+    return digest
 
 
 # ---- the index: one JSON file over many shards -----------------------------------------------------
 
 
-def build_index(sources, out_path: str, force: bool = False, progress=None) -> dict:
+def build_index(sources, out_path: str, force: bool = False, progress=None, allow_outside: bool = False) -> dict:
     """Write a JSON index over shards; refuse shards whose settings differ, or that are incomplete,
-    unless force. Shard paths are stored relative to the index file, so a folder moves as a whole."""
-    paths, _ = resolve_sources(sources)
+    unless force. Shard paths are stored relative to the index file, so a folder moves as a whole; they
+    must lie inside the index's folder (readers refuse anything else) unless allow_outside."""
+    paths, _ = resolve_sources(sources, allow_outside)
     if not paths:
         raise ShardError(f"{sources}: no shards")
     out_dir = os.path.dirname(os.path.abspath(out_path))
@@ -157,8 +191,10 @@ def build_index(sources, out_path: str, force: bool = False, progress=None) -> d
         if not h.complete and not force:
             raise ShardError(f"{p}: shard is incomplete (its writer did not finish); finish the job or "
                              "use --force")
+        rel = os.path.relpath(p, out_dir)
+        check_inside(out_dir, rel, f"{out_path}: shard {p}", allow_outside)
         entries.append({
-            "path": os.path.relpath(p, out_dir),
+            "path": rel,
             "count": h.count,
             "complete": h.complete,
             "content_hash": content_hash(p),

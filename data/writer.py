@@ -29,6 +29,7 @@ from .format import (  # noqa: F401 - DB_*, META_*, order_key, comparable_settin
     settings_diff,
 )
 from .handles import open_for_reading_here
+from .lock import WriterLock
 
 PROB_SUM_TOLERANCE = 0.02  # float16 rounding over ~1600 classes stays well inside this
 
@@ -73,6 +74,17 @@ class ShardWriter:
         if open_for_reading_here(self.path):
             raise ShardError(f"{self.path}: this process is reading the shard; write it from another process "
                              "(LMDB allows one open environment per file per process)")
+        self._env = None
+        self._lock = WriterLock(self.path).acquire()  # one writer per shard; refused at once if taken
+        try:
+            self._open(map_size, feature_dim, feature_dtype, class_names, attribute_names, extractor, append)
+        except BaseException:
+            if self._env is not None:
+                self._env.close()
+            self._lock.release()
+            raise
+
+    def _open(self, map_size, feature_dim, feature_dtype, class_names, attribute_names, extractor, append) -> None:
         os.makedirs(self.path, exist_ok=True)
         try:
             self._env = lmdb.open(self.path, subdir=True, map_size=map_size, max_dbs=3, meminit=False)
@@ -86,14 +98,9 @@ class ShardWriter:
             raw = txn.get(META_SHARD, db=self._meta_db)
             state = txn.get(META_STATE, db=self._meta_db)
         if raw is not None:  # resume: the shard's settings win, and must match ours
-            try:
-                self.meta = decode_meta(self.path, raw)
-            except ShardError:
-                self._env.close()
-                raise
+            self.meta = decode_meta(self.path, raw)
             diff = settings_diff(self.meta, wanted)
             if diff:
-                self._env.close()
                 raise ShardMismatchError(
                     f"{self.path}: existing shard differs in {', '.join(diff)}; write to a new shard "
                     "(or delete this one) instead of mixing settings")
@@ -205,6 +212,7 @@ class ShardWriter:
         finally:
             self._closed = True
             self._env.close()
+            self._lock.release()
 
     def __enter__(self) -> ShardWriter:
         return self
