@@ -167,7 +167,9 @@ def get_handle(path: str, refresh: bool = False) -> Handle:
                 h = Handle(path)
             h.path = path
             _HANDLES[path] = _HANDLES[ident] = h
-    elif refresh and h.signature != _signature(path):
+    elif refresh and (not h.complete or h.signature != _signature(path)):
+        # (an incomplete shard is always reread: a commit within the file system's timestamp tick leaves
+        # size and mtime as they were)
         with _HANDLES_LOCK:
             sig = _signature(path)
             if sig[:2] != h.signature[:2]:  # deleted and written anew: other files, a new environment
