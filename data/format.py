@@ -142,8 +142,10 @@ def content_hash_of(txn, records, order, meta: dict, where: str) -> str:
     """The content hash of a shard seen through one LMDB transaction: the stored checksums, in order
     (trusted here; `verify` recomputes them)."""
     h = content_hasher(meta)
-    for _, key in txn.cursor(db=order):
+    for i, (_, key) in enumerate(txn.cursor(db=order)):
         key = bytes(key)
+        if not key:
+            raise ShardError(f"{where}: order table entry {i} is empty; the shard is damaged")
         value = txn.get(key, db=records)
         if value is None:
             raise ShardError(f"{where}: order table names {key!r}, which has no record")
@@ -154,7 +156,13 @@ def content_hash_of(txn, records, order, meta: dict, where: str) -> str:
 def encode_key(image_id: str) -> bytes:
     if not isinstance(image_id, str) or not image_id:
         raise ShardError(f"image id must be a non-empty str, got {image_id!r}")
-    key = image_id.encode("utf-8")
+    if "\0" in image_id:
+        raise ShardError(f"image id {image_id[:80]!r} contains a NUL character")
+    try:
+        key = image_id.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: e.g. a file name in another encoding, read by os.walk
+        raise ShardError(f"image id {image_id[:80]!r} is not valid Unicode (a file name that is not "
+                         "UTF-8?); rename the file or give ids in a manifest") from None
     if len(key) > MAX_KEY_BYTES:
         raise ShardError(
             f"image id {image_id[:60]!r}... is {len(key)} bytes in UTF-8; LMDB keys hold at most "
@@ -337,15 +345,12 @@ MAX_JSON_DEPTH = 32  # metadata nests a few levels; anything deeper is refused b
 def _json_depth(obj) -> int:
     """Nesting depth of parsed JSON, iteratively (a hostile document cannot exhaust the stack here)."""
     depth, level = 0, [obj]
-    while level:
-        depth += 1
-        nxt = []
-        for o in level:
-            nxt.extend(o.values() if isinstance(o, dict) else o if isinstance(o, list) else ())
-        level = nxt
-        if depth > MAX_JSON_DEPTH:
+    while depth <= MAX_JSON_DEPTH:  # stops one level past the limit: deeper is refused whatever its depth
+        level = [v for o in level if isinstance(o, (dict, list)) for v in (o.values() if isinstance(o, dict) else o)]
+        if not level:
             break
-    return depth - 1
+        depth += 1
+    return depth
 
 
 def _load_json_object(path: str, what: str, raw) -> dict:

@@ -82,10 +82,13 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
             name = key.decode("utf-8", "replace")
             if bytes(pos) != struct.pack(">Q", i):
                 report.problems.append(f"order table entry {i} is out of sequence")
-            value = txn.get(key, db=records)
             report.checked += 1
             if progress:
                 progress(1)
+            if not key:
+                report.bad.append((f"#{i}", "order table entry is empty"))
+                continue
+            value = txn.get(key, db=records)
             if value is None:
                 report.bad.append((name, "listed in the order table but missing"))
                 continue

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
-from .format import Record, content_hash_of, decode_record, encode_key, order_key, settings_diff
+from .format import MAX_KEY_BYTES, Record, content_hash_of, decode_record, encode_key, order_key, settings_diff
 from .handles import Handle, get_handle, open_for_reading_here
 from .indexfile import load_index
 
@@ -63,6 +63,9 @@ class ShardReader(Sequence):
         key = h.get(order_key(index), 1)
         if key is None:
             raise ShardError(f"{self.path}: order table has no entry {index}; the shard is damaged")
+        if not 0 < len(key) <= MAX_KEY_BYTES:
+            raise ShardError(f"{self.path}: order table entry {index} is {len(key)} bytes, not an id; the shard is "
+                             "damaged")
         return bytes(key)
 
     def __getitem__(self, index: int) -> Record:
@@ -70,21 +73,34 @@ class ShardReader(Sequence):
             index = operator.index(index)  # ints, numpy ints, 0-d tensors
         except TypeError:
             raise TypeError(f"ShardReader index must be an integer, got {type(index).__name__}; use .get(id)") from None
-        return self._read(self.key_at(index))
+        key = self.key_at(index)
+        try:
+            return self._read(key)
+        except KeyError:
+            raise ShardError(f"{self.path}: order table entry {index} names {_show(key)}, which has no record; "
+                             "the shard is damaged") from None
 
     def get(self, image_id: str) -> Record:
         return self._read(encode_key(image_id))
 
     def __contains__(self, image_id) -> bool:
         h = self._handle()
-        return isinstance(image_id, str) and h.get(encode_key(image_id), 0) is not None
+        try:
+            key = encode_key(image_id)
+        except ShardError:  # not a str, empty, NUL, not encodable: no shard holds it
+            return False
+        return h.get(key, 0) is not None
 
     def keys(self) -> Iterator[str]:
         """Image ids in insertion order."""
         h = self._handle()
         with h.snapshot(buffers=False) as (txn, _, order, _):
-            for _, key in txn.cursor(db=order):
-                yield key.decode("utf-8")
+            for i, (_, key) in enumerate(txn.cursor(db=order)):
+                try:
+                    yield key.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ShardError(f"{self.path}: order table entry {i}: id {_show(key)} is not valid UTF-8; "
+                                     "the shard is damaged") from None
 
     def raw(self, key: bytes):
         """The stored bytes of one record (a memoryview of the map, or bytes), or None."""
@@ -94,12 +110,20 @@ class ShardReader(Sequence):
         h = self._handle()
         value = h.get(key, 0)
         if value is None:
-            raise KeyError(f"{self.path}: no record {key.decode('utf-8', 'replace')!r}")
+            raise KeyError(f"{self.path}: no record {_show(key)}")
         try:
             rec = decode_record(key, value, self.verify, None, h.expect)
         except CorruptRecordError as e:
             raise e.at(self.path) from None
         return rec.copy() if self.copy else rec
+
+
+def _show(key: bytes) -> str:
+    """An id for a message: its text, or its bytes where they are not UTF-8."""
+    try:
+        return repr(key.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(key)
 
 
 def find_shards(folder: str) -> list[str]:
