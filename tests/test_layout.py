@@ -58,4 +58,3 @@ def test_stage_packages_import_as_regionbert_only():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"generic top-level modules are importable: {r.stdout}"
-
