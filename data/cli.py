@@ -132,7 +132,12 @@ def cmd_import(args) -> int:
 def cmd_export(args) -> int:
     from .convert import export
 
-    n = export(args.shards, args.out, args.to, max_boxes=args.max_boxes, progress=not args.quiet)
+    source = args.shards
+    if args.allow_outside:  # checked here (counts, hashes), then handed on as plain shard paths
+        from .reader import ShardSet
+
+        source = [s.path for s in ShardSet(args.shards, check_settings=False, allow_outside=True).shards]
+    n = export(source, args.out, args.to, max_boxes=args.max_boxes, progress=not args.quiet)
     print(f"wrote {args.out}: {n} records as {args.to}")
     return 0
 
@@ -237,6 +242,7 @@ def _add_convert_commands(sub) -> None:
     s.add_argument("-o", "--out", required=True, help="file to write (a folder for uniter_npz)")
     s.add_argument("--to", choices=EXPORT_FORMATS, required=True)
     s.add_argument("--max-boxes", type=int, help="padded_hdf5: pad to this many boxes (default: the largest record)")
+    _allow_outside(s)
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_export)
 

@@ -37,8 +37,9 @@ class ShardReader(Sequence):
         self.verify, self.copy = verify, copy
         h = _handle(self.path, refresh=True)  # fail early on a bad path
         if not h.complete:
+            unlocked = " without LMDB's lock (none can be taken here: safe only while no writer runs)"
             warnings.warn(f"{self.path}: shard is incomplete (its writer did not finish); reading the "
-                          f"{h.count} committed records", stacklevel=2)
+                          f"{h.count} committed records{unlocked if h.lockless else ''}", stacklevel=2)
 
     def _handle(self) -> Handle:
         return _handle(self.path)  # opened lazily in each process (a spawned worker unpickles a path)

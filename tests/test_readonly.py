@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from train_synth import write_dataset
 
+from regionbert.data import ShardWriter
 from regionbert.data.cli import main as shards_main
 
 NOBODY = 65534
@@ -79,6 +80,12 @@ def published():
         assert shards_main(["index", os.path.join(pub, "shard-00000"), "-o", os.path.join(pub, "index.json"),
                             "-q"]) == 0
         assert not os.path.exists(os.path.join(pub, "shard-00000", "lock.mdb"))
+        partial = os.path.join(base, "partial")  # a crashed writer's shard, handed out as it is
+        w = ShardWriter(partial, feature_dim=16, class_names=None)
+        for i in range(5):
+            w.add(f"p{i}", width=10, height=10, boxes=np.zeros((1, 4)), features=np.ones((1, 16)))
+        w.close(complete=False)
+        _freeze(partial)
         out = os.path.join(base, "out")  # the only place the reading processes may write
         os.makedirs(out)
         if uid is not None:
@@ -87,7 +94,7 @@ def published():
             os.chmod(p, 0o444)
         _freeze(src)
         _freeze(pub)
-        yield {**d, "pub": pub, "out": out, "prefix": prefix, "how": how}
+        yield {**d, "pub": pub, "out": out, "partial": partial, "prefix": prefix, "how": how}
     finally:
         _thaw(base)
         shutil.rmtree(base)
@@ -150,3 +157,13 @@ def test_trainer_reads_a_read_only_published_index(published):
     assert r.returncode == 0, f"{published['how']}: {r.stdout[-2000:]}{r.stderr[-3000:]}"
     assert "step 2/2" in r.stdout
     assert not os.path.exists(os.path.join(published["pub"], "shard-00000", "lock.mdb"))
+
+
+def test_incomplete_shard_reads_without_its_lock_where_none_can_be_taken(published):
+    partial = published["partial"]
+    before = _listing(partial)
+    r = _run(published, "-W", "default", "-c", "import sys; from regionbert.data import ShardReader; "
+             "r = ShardReader(sys.argv[1]); print(len(r), r[4].id, list(r.keys())[0])", partial)
+    assert r.returncode == 0 and r.stdout.split() == ["5", "p4", "p0"], r.stderr
+    assert "shard is incomplete" in r.stderr and "without LMDB's lock" in r.stderr
+    assert _listing(partial) == before
