@@ -35,7 +35,8 @@ class ShardBusyError(ShardError):
 
 
 def lock_path(shard: str) -> str:
-    return os.path.normpath(os.fspath(shard)) + ".writer.lock"
+    """`<shard>.writer.lock` next to the shard's real folder (so two names of one folder share one lock)."""
+    return os.path.realpath(os.fspath(shard)) + ".writer.lock"
 
 
 def _describe(raw: bytes) -> str:

@@ -226,7 +226,7 @@ class ShardWriter:
     def _write_state(self, complete: bool, meta: dict | None = None) -> None:
         while True:
             try:
-                with self._env.begin(write=True) as txn:
+                with self._env.begin(write=True, buffers=True) as txn:  # buffers: the hash reads 8 bytes a record
                     if meta is not None:
                         txn.put(META_SHARD, encode_json(meta), db=self._meta_db)
                     state = {"count": self.count, "complete": complete, "updated": now_iso()}

@@ -113,3 +113,14 @@ def test_copy_publishes_with_the_stored_hash(tmp_path, small_shard):
     r = ShardReader(dst)
     assert r.state["content_hash"] == verify_shard(dst).content_hash == ShardReader(small_shard).state["content_hash"]
     assert sorted(os.listdir(dst)) == ["data.mdb"]  # no lock file in what is handed out
+
+
+def test_two_names_of_one_shard_share_its_lock(tmp_path):
+    real = tmp_path / "real"
+    with ShardWriter(real, feature_dim=4, class_names=None):
+        pass
+    os.symlink(real, tmp_path / "alias")
+    with ShardWriter(real, feature_dim=4, class_names=None):
+        with pytest.raises(ShardBusyError):
+            ShardWriter(tmp_path / "alias", feature_dim=4, class_names=None)
+    assert lock_path(str(tmp_path / "alias")) == str(tmp_path / "real.writer.lock")
