@@ -9,6 +9,7 @@ runs as root with the interpreter in root's private home). As a non-root user th
 
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -22,6 +23,7 @@ from train_synth import write_dataset
 
 from regionbert.data import ShardWriter
 from regionbert.data.cli import main as shards_main
+from regionbert.data.synth import write_synthetic_shard
 
 NOBODY = 65534
 DROP_DAC = ["--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
@@ -167,3 +169,30 @@ def test_incomplete_shard_reads_without_its_lock_where_none_can_be_taken(publish
     assert r.returncode == 0 and r.stdout.split() == ["5", "p4", "p0"], r.stderr
     assert "shard is incomplete" in r.stderr and "without LMDB's lock" in r.stderr
     assert _listing(partial) == before
+
+
+def test_read_only_file_system(tmp_path):
+    """The same on a read-only mount (a bind mount remounted ro in a private mount namespace), modes untouched."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("needs root and unshare(1) to make a read-only bind mount")
+    d = str(tmp_path / "ro")
+    write_synthetic_shard(os.path.join(d, "s"), 8, feature_dim=8, min_boxes=0, max_boxes=3)
+    assert shards_main(["index", d, "-o", os.path.join(d, "index.json"), "-q"]) == 0
+    w = ShardWriter(os.path.join(d, "partial"), feature_dim=8, class_names=None)
+    w.add("p0", width=10, height=10, boxes=np.zeros((1, 4)), features=np.ones((1, 8)))
+    w.close(complete=False)
+    for name in ("s", "partial"):  # a reader of a read-only mount finds no lock file it could use either
+        os.remove(os.path.join(d, name, "lock.mdb"))
+    read = ("import sys; from regionbert.data import ShardReader, ShardSet; from regionbert.data.cli import main; "
+            "assert main(['verify', '-q', sys.argv[1] + '/index.json']) == 0; "
+            "print(len(ShardSet(sys.argv[1] + '/index.json')), ShardReader(sys.argv[1] + '/partial')[0].id)")
+    script = (f'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit 77; '
+              f'touch "$1/s/probe" 2>/dev/null && exit 78; exec {shlex.quote(sys.executable)} -W ignore -c "$2" "$1"')
+    r = subprocess.run([unshare, "-m", "sh", "-c", script, "sh", d, read], capture_output=True, text=True, cwd="/",
+                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, timeout=300)
+    if r.returncode == 77:
+        pytest.skip(f"cannot make a read-only bind mount here: {r.stderr.strip()[-200:]}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split()[-2:] == ["8", "p0"]
+    assert sorted(os.listdir(os.path.join(d, "s"))) == ["data.mdb"]
