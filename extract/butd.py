@@ -41,6 +41,8 @@ from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import batched_nms, nms, roi_pool
 
+from .regions import BoxPolicy
+
 NAME = "butd_r101_vg"
 NUM_CLASSES = 1600  # foreground; the classifier has 1601 outputs, background last
 NUM_ATTRS = 400  # the attribute head has 401 outputs, "no attribute" last
@@ -276,8 +278,23 @@ class BUTDDetector(nn.Module):
             self.cls_embedding = nn.Embedding(NUM_CLASSES + 1, 256)
             self.fc_attr = nn.Linear(2048 + 256, 512)
             self.attr_score = nn.Linear(512, NUM_ATTRS + 1)
-        self.transform = BUTDTransform()
+        self.transform = BUTDTransform()  # what extract.pipeline's workers call (prepare)
+        self.feature_dim = 2048
+        self.attribute_names: list[str] | None = None  # set by build_butd
         self.eval()
+
+    @classmethod
+    def empty(cls, attributes: bool = True) -> BUTDDetector:
+        """Uninitialised storage (no 65M-value random init): for loading weights into. Anchors are set."""
+        with torch.device("meta"):
+            model = cls(attributes)
+        model.to_empty(device="cpu")
+        model.cell_anchors.copy_(cell_anchors())
+        return model
+
+    def region_extractor(self, policy) -> BUTDExtractor:
+        """What extract.pipeline runs for this detector (instead of regions.RegionExtractor)."""
+        return BUTDExtractor(self, policy)
 
     # --- backbone and RPN (one image) -------------------------------------------------------
     def backbone(self, x: Tensor) -> Tensor:
@@ -427,7 +444,7 @@ def has_attribute_head(arrays: dict[str, np.ndarray]) -> bool:
 def load_detector(path: str) -> tuple[BUTDDetector, str]:
     """The network with the weights of a .pkl, in eval mode, and the file's sha256."""
     arrays, digest = read_weights(path)
-    model = BUTDDetector(attributes=has_attribute_head(arrays))
+    model = BUTDDetector.empty(attributes=has_attribute_head(arrays))
     model.load_reference_state(arrays, path)
     return model.eval(), digest
 
@@ -435,10 +452,13 @@ def load_detector(path: str) -> tuple[BUTDDetector, str]:
 def random_detector(seed: int = 0, attributes: bool = True) -> BUTDDetector:
     """Seeded random weights (dry runs and tests): He-uniform convs, small heads, identity-ish FrozenBN."""
     g = torch.Generator().manual_seed(seed)
-    model = BUTDDetector(attributes)
+    model = BUTDDetector.empty(attributes)
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if name == "cell_anchors" or name.split(".")[-1] in ("running_mean", "running_var"):
+            if name == "cell_anchors":
+                continue
+            if name.split(".")[-1] in ("running_mean", "running_var"):
+                t.fill_(0.0 if name.endswith("mean") else 1.0)
                 continue
             if t.dim() >= 2:
                 fan_in = t[0].numel()
@@ -539,6 +559,27 @@ def scale_boxes(boxes: Tensor, sx: float, sy: float) -> Tensor:
 BUTD_POLICIES = ("butd", "fixed", "notebook", "given")
 
 
+@dataclass
+class BUTDPolicy(BoxPolicy):
+    """regions.BoxPolicy plus "notebook": py-bottom-up-attention's attribute notebook, K = max_boxes
+    class-regressed detections (score > conf_thresh, per-class NMS 0.5, 0.6, ... until exactly K)."""
+
+    def __post_init__(self):
+        if self.name != "notebook":
+            super().__post_init__()
+        elif self.min_boxes != self.max_boxes or self.max_boxes < 1:
+            raise ValueError("the notebook policy keeps K boxes: set min_boxes == max_boxes (e.g. 36)")
+
+    def describe(self, model=None) -> dict:
+        d = super().describe(model) if self.name != "notebook" else {
+            "box_policy": "notebook", "boxes": "class_regressed",
+            "thresholds": {"score_thresh": self.conf_thresh, "nms_thresh": "first of 0.5..0.9 giving K",
+                           "boxes_per_image": self.max_boxes}}
+        if self.name in ("butd", "fixed"):
+            d["selection"] = "bottom-up-attention generate_tsv.py max-conf rule"
+        return d
+
+
 class BUTDExtractor:
     """BUTDDetector + a box policy -> per image: boxes (original px), features, class_probs (shard order,
     background at 0), attr_probs (400), scores, labels (shard order). Same call as regions.RegionExtractor.
@@ -558,36 +599,94 @@ class BUTDExtractor:
                  given_boxes: list[Tensor] | None = None) -> list[dict[str, Tensor]]:
         if self.policy.name == "given" and (given_boxes is None or len(given_boxes) != len(images)):
             raise ValueError("the 'given' policy needs one (N, 4) box tensor per image")
+        if images and images[0].is_cuda:  # TF32 convolutions/matmuls would move features by ~1e-3
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         return [self.one(im, hw, None if given_boxes is None else given_boxes[i])
                 for i, (im, hw) in enumerate(zip(images, original_sizes, strict=True))]
 
     def one(self, image: Tensor, original_hw: tuple[int, int], given: Tensor | None) -> dict[str, Tensor]:
-        """image: (3, h, w) from BUTDTransform.prepare, on the model's device."""
-        m, p = self.model, self.policy
-        h, w = int(image.shape[-2]), int(image.shape[-1])
-        H, W = original_hw
+        """image: (3, h, w) from BUTDTransform.prepare, on the model's device; given: (N, 4) original px."""
+        m = self.model
+        hw = (int(image.shape[-2]), int(image.shape[-1]))
         res4 = m.backbone(image[None].float())
-        if p.name == "given":
-            boxes = scale_boxes(given.to(res4.device, torch.float32), w / W, h / H)
-            out = m.regions(res4, boxes)
-            idx = torch.arange(len(boxes), device=res4.device)
-            kept_boxes = given.to(res4.device, torch.float32)
+        if self.policy.name == "given":
+            (H, W), (h, w) = original_hw, hw
+            boxes = scale_boxes(given.to(res4.device, torch.float32), w / W, h / H)  # not clipped, as the notebook
         else:
-            props, _ = m.proposals(res4, (h, w))
-            out = m.regions(res4, props)
-            if p.name == "notebook":
-                sel = notebook_select(props, out, (h, w), p.max_boxes, p.conf_thresh)
-                idx = sel.ids
-                kept_boxes = clip_(scale_boxes(sel.boxes_resized, W / w, H / h), H, W)
-            else:
-                conf = max_conf(props, out.class_probs, p.nms_thresh)
-                idx = torch.from_numpy(max_conf_select(conf, p.conf_thresh, p.min_boxes, p.max_boxes).copy())
-                idx = idx.to(res4.device)
-                kept_boxes = scale_boxes(props[idx], W / w, H / h)
+            boxes, _ = m.proposals(res4, hw)
+        return self.select(boxes, m.regions(res4, boxes), hw, original_hw, given)
+
+    def select(self, boxes: Tensor, out: RegionOutputs, hw: tuple[int, int], original_hw: tuple[int, int],
+               given: Tensor | None = None) -> dict[str, Tensor]:
+        """The policy's boxes from the ROI head's outputs for (R, 4) boxes (proposals or scaled given
+        boxes, resized px) of an image resized from original_hw to hw."""
+        p, (h, w), (H, W) = self.policy, hw, original_hw
+        if p.name == "given":
+            idx = torch.arange(len(boxes), device=boxes.device)
+            kept = given.to(boxes.device, torch.float32)
+        elif p.name == "notebook":
+            sel = notebook_select(boxes, out, hw, p.max_boxes, p.conf_thresh)
+            idx = sel.ids
+            kept = clip_(scale_boxes(sel.boxes_resized, W / w, H / h), H, W)
+        else:  # butd, fixed: the unregressed proposals, as caffe's generate_tsv.py
+            conf = max_conf(boxes, out.class_probs, p.nms_thresh)
+            idx = torch.from_numpy(max_conf_select(conf, p.conf_thresh, p.min_boxes, p.max_boxes).copy())
+            idx = idx.to(boxes.device)
+            kept = scale_boxes(boxes[idx], W / w, H / h)
         probs = to_shard_order(out.class_probs[idx])
         scores, labels = probs[:, 1:].max(1)
-        r = {"boxes": kept_boxes, "features": out.features[idx], "class_probs": probs,
-             "scores": scores, "labels": labels + 1}
+        r = {"boxes": kept, "features": out.features[idx], "class_probs": probs, "scores": scores,
+             "labels": labels + 1}
         if out.attr_probs is not None:
             r["attr_probs"] = out.attr_probs[idx]
         return r
+
+
+# ----------------------------------------------------------------------------- regionbert-extract entry
+PUBLISHED = ("faster_rcnn_from_caffe_attr.pkl (with attributes) or faster_rcnn_from_caffe.pkl, from "
+             "https://nlp1.cs.unc.edu/models/ (py-bottom-up-attention's README)")
+
+
+def build_butd(spec) -> tuple[BUTDDetector, list[str], dict]:
+    """extract.detector.build_detector for --detector butd_r101_vg: (model, 1601 class names with background
+    at 0, what to record). spec.weights: a .pkl path, or "none" (seeded random weights, dry runs only)."""
+    import warnings
+
+    from torchvision import __version__ as tv_version
+
+    from .detector import weights_digest
+
+    source, file_sha = spec.weights, None
+    if source.lower() == "none":
+        model, source = random_detector(spec.seed), "none"
+        warnings.warn(f"detector {NAME} has RANDOM weights (--weights none, seed {spec.seed}): its boxes, features "
+                      "and class distributions are meaningless. Use it for dry runs and tests only.", stacklevel=2)
+    elif os.path.isfile(source):
+        model, file_sha = load_detector(source)
+        source = os.path.abspath(source)
+    else:
+        raise ValueError(f"--weights {spec.weights!r}: {NAME} needs the published checkpoint as a local file, "
+                         f"--weights PATH.pkl: {PUBLISHED}; or 'none' for a dry run")
+    model.transform = BUTDTransform(spec.min_size or 600, spec.max_size or 1000)
+    model.attribute_names = attribute_names() if model.attributes else None
+    info = {
+        "detector": f"{NAME} (py-bottom-up-attention R101-C4 caffemaxpool, Visual Genome, regionbert.extract.butd)",
+        "torchvision": tv_version,
+        "weights": source,
+        "weights_digest": weights_digest(model),
+        "weights_file_sha256": file_sha,
+        "min_size": model.transform.min_size,
+        "max_size": model.transform.max_size,
+        "input": "BGR 0..255 minus pixel means, PIL bilinear resize, one image per forward (no padding)",
+        "pixel_mean_bgr": list(PIXEL_MEAN_BGR),
+        "rpn_pre_nms_top_n": RPN_PRE_NMS,
+        "rpn_post_nms_top_n": RPN_POST_NMS,
+        "rpn_nms_thresh": RPN_NMS,
+        "feature": "mean of res5 (dilation 2) over RoIPool 14x14 on res4: 2048-d",
+        "class_probs": "softmax over 1601; the original's background (index 1600) is stored at 0, class c at c + 1",
+        "attr_probs": (None if not model.attributes else
+                       "softmax over the first 400 attribute logits (the 401st, no-attribute, dropped); index a = "
+                       "attribute_names[a]"),
+    }
+    return model, class_names(), info
