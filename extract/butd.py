@@ -463,9 +463,11 @@ def random_detector(seed: int = 0, attributes: bool = True) -> BUTDDetector:
             if t.dim() >= 2:
                 fan_in = t[0].numel()
                 var = 1.0 if name == "cls_embedding.weight" else (2.0 if t.dim() == 4 else 1.0) / fan_in
-                t.copy_((torch.rand(t.shape, generator=g) * 2 - 1) * math.sqrt(3 * var))
+                gain = 0.1 if name.startswith("rpn_deltas") else 1.0  # small deltas: proposals near the anchors
+                t.copy_((torch.rand(t.shape, generator=g) * 2 - 1) * math.sqrt(3 * var) * gain)
             elif name.endswith(".weight") and ("bn" in name or "stem.1" in name or "downsample.1" in name):
-                t.fill_(0.2 if ".bn3." in name else 1.0)  # residual branches small: activations stay finite
+                # pixels are 0..255: the stem's norm scales them to ~1; residual branches small; finite to res4
+                t.fill_(0.01 if name.startswith("stem") else 0.2 if ".bn3." in name else 1.0)
             else:
                 t.copy_((torch.rand(t.shape, generator=g) * 2 - 1) * 0.1)
     return model.eval()
