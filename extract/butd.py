@@ -19,9 +19,12 @@ c + 1 and original background 1600 at 0. Attribute distributions are the 400-way
 400 attribute logits (the 401st, "no attribute", is dropped before the softmax, as both reference
 notebooks do); stored index a is attribute a of attributes_vocab.txt.
 
-Batching: the backbone runs one image at a time. Padding a C4 network changes results (see
-bench/README.md): zero padding after mean subtraction is not the same as each conv's own zero padding once
-a FrozenBN has added its bias, so features near the right/bottom edge change, and with them proposals.
+Batching: images are never padded. Padding a C4 network changes results (bench/README.md): zero padding
+after mean subtraction is not each conv's own zero padding once a FrozenBN has added its bias, the
+receptive field of res4 covers the whole image, so every res4 value moves (by up to 4.7 on a kit image
+padded 8 x 100 px) and a quarter of the proposals change. Stacking images of one resized shape (no padding)
+gave bit-identical res4 at 600x800 but not at 32x48 (CPU kernels are chosen by batch and shape), so each
+image gets its own backbone pass; the regions of an image run as one batch, as in the reference.
 """
 
 from __future__ import annotations
@@ -604,6 +607,8 @@ class BUTDExtractor:
         if images and images[0].is_cuda:  # TF32 convolutions/matmuls would move features by ~1e-3
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
+        # one image per backbone pass: padding changes a C4 model's outputs, and even stacking images of
+        # one shape is not bit-identical in general (CPU kernels are chosen by batch and shape)
         return [self.one(im, hw, None if given_boxes is None else given_boxes[i])
                 for i, (im, hw) in enumerate(zip(images, original_sizes, strict=True))]
 
