@@ -113,7 +113,8 @@ class ImageDataset(Dataset):
                 check_boxes(self.boxes[item.id], w, h)
                 out["boxes"] = torch.from_numpy(self.boxes[item.id])
             with torch.no_grad():
-                out["image"] = preprocess(self.transform, to_tensor(rgb))
+                prepare = getattr(self.transform, "prepare", None)  # butd_r101_vg: BGR uint8, PIL resize
+                out["image"] = prepare(rgb) if prepare else preprocess(self.transform, to_tensor(rgb))
             out["size"] = (h, w)
         except ImageError as e:
             out["error"] = str(e)
@@ -254,17 +255,19 @@ def run(cfg: ExtractConfig) -> Summary:
     model, class_names, info = build_detector(cfg.detector)
     cfg.policy.apply(model)
     model.to(device)
-    extractor = RegionExtractor(model, cfg.policy)
+    own = getattr(model, "region_extractor", None)  # butd_r101_vg brings its own (extract/butd.py)
+    extractor = own(cfg.policy) if own else RegionExtractor(model, cfg.policy)
+    amp = cfg.amp if device.type == "cuda" and not (own and cfg.amp == "auto") else "none"  # butd: exact fp32
     window = cfg.group_window or 4 * cfg.batch_size
-    divisible = int(model.transform.size_divisible)
-    settings = {"name": "regionbert.extract", **info, **cfg.policy.describe(model),
-                "amp": cfg.amp if device.type == "cuda" else "none",
-                "batch_grouping": f"same padded shape (multiple of {divisible}): features do not depend on the "
-                                  "batch",
+    divisible = getattr(model.transform, "size_divisible", None)  # None: one image per forward pass (butd)
+    grouping = ("none needed: the detector runs each image alone" if own or divisible is None else
+                f"same padded shape (multiple of {divisible}): features do not depend on the batch")
+    settings = {"name": "regionbert.extract", **info, **cfg.policy.describe(model), "amp": amp,
+                "batch_grouping": grouping,
                 "job": {"shard_index": shard_index, "num_shards": num_shards, "host": socket.gethostname(),
                         "images": os.path.abspath(cfg.images), "device": str(device),
                         "batch_size": cfg.batch_size, "group_window": window}}
-    feature_dim = _box_feature_dim(model)
+    feature_dim = getattr(model, "feature_dim", None) or _box_feature_dim(model)
 
     os.makedirs(cfg.out, exist_ok=True)
     failures_path = shard + ".failures.jsonl"
@@ -276,7 +279,8 @@ def run(cfg: ExtractConfig) -> Summary:
             failures.append({"id": item.id, "path": item.path, "reason": reason})
 
     writer = ShardWriter(shard, feature_dim=feature_dim, class_names=class_names, feature_dtype=cfg.feature_dtype,
-                         extractor=settings, commit_every=cfg.commit_every, append=cfg.append)
+                         attribute_names=getattr(model, "attribute_names", None), extractor=settings,
+                         commit_every=cfg.commit_every, append=cfg.append)
     thread, ok, start = None, False, time.perf_counter()
     try:
         todo = []
@@ -303,7 +307,7 @@ def run(cfg: ExtractConfig) -> Summary:
             good = [b for _, b in group]
             images = [b["image"].to(device, non_blocking=True) for b in good]
             given = [b["boxes"] for b in good] if boxes is not None else None
-            with autocast_for(device, cfg.amp):
+            with autocast_for(device, amp):
                 results = extractor(images, [b["size"] for b in good], given)
             for (seq, b), r in zip(group, results, strict=True):
                 in_order.put(seq, (ImageItem(b["id"], b["path"]), record_fields(b, r, cfg.policy)))
@@ -321,7 +325,8 @@ def run(cfg: ExtractConfig) -> Summary:
                         in_order.put(seq, None)
                         bar.update(1)
                     else:
-                        for group in batcher.add(seq, padded_shape(b["image"], divisible), b):
+                        key = 0 if own or divisible is None else padded_shape(b["image"], int(divisible))
+                        for group in batcher.add(seq, key, b):
                             run_batch(group)
                     seq += 1
                 bar.set_postfix(failed=len(failures), refresh=False)
@@ -357,7 +362,8 @@ def record_fields(b: dict, r: dict, policy) -> dict:
     boxes_px = r["boxes"].float().cpu().numpy()
     np.clip(boxes_px, 0, [w, h, w, h], out=boxes_px)  # float rounding when scaling back
     fields = {"width": w, "height": h, "boxes": boxes_px, "features": r["features"].float().cpu().numpy(),
-              "class_probs": r["class_probs"].float().cpu().numpy()}
+              "class_probs": r["class_probs"].float().cpu().numpy(),
+              "attr_probs": r["attr_probs"].float().cpu().numpy() if "attr_probs" in r else None}
     if policy.name == "torchvision":
         fields["extra"] = {"labels": r["labels"].cpu().tolist(), "scores": r["scores"].float().cpu().tolist()}
     return fields

@@ -150,7 +150,13 @@ def test_help_shows_each_detectors_own_default_sizes(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "320 for mobilenet_v3_large_320_fpn" in text and "640 for mobilenet_v3_large_320_fpn" in text
     assert "800 for resnet50_fpn_v2" in text and "1333 for resnet50_fpn_v2" in text
+    from regionbert.extract.butd import BUTDTransform
+    from regionbert.extract.detector import BUTD
+
+    assert (BUTDTransform().min_size, BUTDTransform().max_size) == DEFAULT_SIZES[BUTD]
     for arch, (lo, hi) in DEFAULT_SIZES.items():  # the table says what the builders do
+        if arch not in BUILDERS:
+            continue
         builder = BUILDERS[arch][0]
         model = builder(weights=None, weights_backbone=None, num_classes=2)
         assert (model.transform.min_size[-1], model.transform.max_size) == (lo, hi), arch
