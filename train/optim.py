@@ -5,11 +5,26 @@ from __future__ import annotations
 import torch
 
 
+def decay_groups(model: torch.nn.Module) -> tuple[list, list]:
+    """(decayed, not decayed) parameters. Not decayed: every bias and every LayerNorm weight, which is
+    what UNITER's optim/misc.py means by its name filter ('bias', 'LayerNorm.weight'). That filter goes by
+    name, so UNITER does decay the LayerNorms it did not call LayerNorm (img_layer_norm, pos_layer_norm and
+    those in the region heads); here a LayerNorm is never decayed, whatever its name. Decayed: weight
+    matrices, embeddings and the region mask embedding (as UNITER). A tied weight is listed once."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            quiet = isinstance(module, torch.nn.LayerNorm) or name == "bias"
+            (no_decay if quiet else decay).append(p)
+    return decay, no_decay
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98),
                     eps: float = 1e-6) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]  # parameters() lists a tied weight once
-    decay = [p for p in params if p.ndim >= 2]  # matrices and embeddings
-    no_decay = [p for p in params if p.ndim < 2]  # biases, LayerNorm scales and shifts
+    decay, no_decay = decay_groups(model)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
