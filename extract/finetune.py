@@ -409,11 +409,11 @@ def finetune(cfg: FinetuneConfig) -> Result:
                 seen += len(images)
                 rate = seen / (time.perf_counter() - start)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{rate:.1f}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", img_s=f"{rate:.1f}", refresh=False)
                 if step % max(1, steps_per_epoch // 2) == 0 or step == total:
-                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": round(float(loss), 5),
+                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": round(float(loss.detach()), 5),
                                           "lr": opt.param_groups[0]["lr"], "images_per_second": round(rate, 2),
-                                          **{k: round(float(v), 5) for k, v in losses.items()}}) + "\n")
+                                          **{k: round(float(v.detach()), 5) for k, v in losses.items()}}) + "\n")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step % steps_per_epoch:
                     checkpoint()
                 if cfg.stop_after is not None and step >= cfg.stop_after:

@@ -105,10 +105,10 @@ def main(argv=None) -> int:
     _step(2, f"fine-tuning a {args.detector} detector on the training images' boxes (from weights: {args.weights})")
     print(f"  the same as: regionbert-detector finetune {data['boxes_train']} --val {data['boxes_val']} "
           f"--images {data['images']} -o {det_dir} --detector {args.detector} --weights {args.weights} "
-          f"--epochs {args.detector_epochs} --batch-size 8 --lr 0.04")
+          f"--epochs {args.detector_epochs} --batch-size 8 --lr 0.05")
     ft = finetune(FinetuneConfig(annotations=data["boxes_train"], val_annotations=data["boxes_val"],
                                  images=data["images"], out=det_dir, detector=args.detector, weights=args.weights,
-                                 epochs=args.detector_epochs, batch_size=8, lr=0.04,
+                                 epochs=args.detector_epochs, batch_size=8, lr=0.05,
                                  eval_every=args.detector_epochs, workers=args.workers))
     det = ft.heldout
     print(f"  held-out: recall@0.5 {det['recall50']:.2f}, mAP@0.5 {det['map50']:.2f} "
@@ -135,7 +135,9 @@ def main(argv=None) -> int:
     class_names = reader.meta["class_names"]
     rec = reader[len(reader) - 1]  # the last image is held out: the detector never saw it
     picture = os.path.join(out, "example_regions.png")
-    draw_record(rec, os.path.join(data["images"], rec.id + ".jpg"), class_names, top=4).save(picture)
+    confident = int((rec.class_probs[:, 1:].max(1) >= 0.3).sum())  # the detections, not the padding boxes
+    draw_record(rec, os.path.join(data["images"], rec.id + ".jpg"), class_names,
+                top=min(6, max(1, confident))).save(picture)
     print(f"  {picture}")
 
     _step(6, f"pretraining a tiny model for {args.steps} steps (the default mix: MLM, ITM + WRA, MRFR, MRC-kl)")

@@ -123,7 +123,7 @@ def test_random_weights_give_distinct_region_features(shapes):
     from PIL import Image
     feats = []
     for name in sorted(os.listdir(shapes["images"]))[:2]:
-        rgb = np.asarray(Image.open(os.path.join(shapes["images"], name)).convert("RGB"))
+        rgb = np.array(Image.open(os.path.join(shapes["images"], name)).convert("RGB"))
         feats.append(ex([preprocess(model.transform, to_tensor(rgb))], [rgb.shape[:2]])[0]["features"])
     f = torch.nn.functional.normalize(torch.cat(feats).float(), dim=1)
     cos = f @ f.T
