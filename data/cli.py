@@ -8,11 +8,13 @@ import json
 import os
 import sys
 
+import lmdb
 from tqdm import tqdm
 
 from .errors import ShardError
-from .index import build_index, summarize, verify_shard
-from .reader import _handle, resolve_sources
+from .index import build_index, summarize
+from .lmdbcheck import verify_isolated
+from .reader import resolve_sources
 from .synth import write_synthetic_shard
 
 
@@ -66,12 +68,10 @@ def cmd_verify(args) -> int:
     failed = 0
     indexed = _indexed(args.shards)
     for path in resolve_sources(args.shards)[0]:
-        try:
-            total = _handle(os.path.abspath(path)).count
-        except ShardError:
-            total = None  # verify_shard reports why
-        with tqdm(total=total, desc=f"verify {path}", unit="rec", disable=args.quiet, leave=False) as bar:
-            r = verify_shard(path, progress=bar.update)
+        with tqdm(desc=f"verify {path}", unit="rec", disable=args.quiet, leave=False) as bar:
+            # checksums, tables and the record rules (data/checks.py), walked in a child process: a damaged
+            # file can kill LMDB's reader, and then the child dies, not this command (data/lmdbcheck.py)
+            r = verify_isolated(path, progress=bar.update, total=lambda n: setattr(bar, "total", n))
         entry = indexed.get(os.path.abspath(path))
         if entry is not None:  # the index says what arrived should be
             if entry["count"] != r.count:
@@ -253,7 +253,8 @@ def main(argv=None) -> int:
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
     s.set_defaults(fn=cmd_inspect)
 
-    s = sub.add_parser("verify", help="decode every record and check its checksum; non-zero exit if any is bad")
+    s = sub.add_parser("verify", help="decode every record, check its checksum and the record rules "
+                       "(docs/shard-format.md); non-zero exit if any is bad")
     s.add_argument("shards", nargs="+")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_verify)
@@ -285,6 +286,10 @@ def main(argv=None) -> int:
         return args.fn(args)
     except ShardError as e:  # ConvertError included
         print(f"regionbert-shards {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except lmdb.Error as e:  # a damaged data.mdb that LMDB noticed (`verify` names the shard and what is wrong)
+        print(f"regionbert-shards {args.cmd}: error: a shard's data.mdb is damaged ({type(e).__name__}: {e}); "
+              "run `regionbert-shards verify` on it", file=sys.stderr)
         return 2
 
 

@@ -25,6 +25,7 @@ import lmdb
 
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
 from .format import FEATURE_DTYPE_CODES, Record, decode_meta, decode_record, encode_key
+from .lmdbcheck import check_file
 from .writer import DB_META, DB_ORDER, DB_RECORDS, META_SHARD, META_STATE, order_key, settings_diff
 
 
@@ -50,6 +51,7 @@ class _Handle:
     def __init__(self, path: str):
         if not os.path.isfile(os.path.join(path, "data.mdb")):
             raise ShardError(f"{path}: not a shard (no data.mdb in this folder)")
+        check_file(path)  # data/lmdbcheck.py: a truncated or garbled file is an error here, not a SIGBUS later
         self.path = path
         self.env = None  # set for complete shards: the shared, lock-free, never-closed environment
         self.gen = 0

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import lmdb
 import numpy as np
 
+from .checks import refuse_bad_record
 from .errors import ShardError, ShardMismatchError
 from .format import (
     FEATURE_DTYPE_CODES,
@@ -20,6 +21,7 @@ from .format import (
     encode_record,
     make_meta,
 )
+from .lmdbcheck import check_file, write_error
 
 DB_RECORDS, DB_ORDER, DB_META = b"records", b"order", b"meta"
 META_SHARD, META_STATE = b"shard", b"state"
@@ -92,6 +94,7 @@ class ShardWriter:
             raise ShardError(f"{self.path}: this process is reading the shard; write it from another process "
                              "(LMDB allows one open environment per file per process)")
         os.makedirs(self.path, exist_ok=True)
+        check_file(self.path)  # data/lmdbcheck.py: never map a damaged file
         try:
             self._env = lmdb.open(self.path, subdir=True, map_size=map_size, max_dbs=3, meminit=False)
         except lmdb.Error as e:
@@ -183,6 +186,7 @@ class ShardWriter:
             self._touch()
         value = encode_record(key, int(width), int(height), *arrays, extra=extra,
                               feature_dtype=self.meta["feature_dtype"])
+        refuse_bad_record(self.path, key, value)  # the record rules (data/checks.py), on the bytes to be stored
         self._pending.append((key, value))
         self._pending_keys.add(key)
         self._pending_bytes += len(value)
@@ -206,6 +210,13 @@ class ShardWriter:
                 break
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.Error as e:  # a full disk: nothing of this batch was written; earlier commits are kept
+                err = write_error(self.path, e, f"committing records {self.count}..{len(self) - 1}",
+                                  self._pending_bytes)
+                self._pending.clear()  # (a rerun resumes after the last commit)
+                self._pending_keys.clear()
+                self._pending_bytes = 0
+                raise err from None
         self.count += len(self._pending)
         self._pending.clear()
         self._pending_keys.clear()
@@ -244,6 +255,8 @@ class ShardWriter:
                 return
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.Error as e:
+                raise write_error(self.path, e, "writing the shard's state") from None
 
     def _grow(self) -> None:
         self._env.set_mapsize(self._env.info()["map_size"] * 2)

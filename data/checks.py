@@ -1,0 +1,143 @@
+"""Record rules (deep verify): what a decoded record must mean, beyond a valid layout and checksum.
+
+Spec: docs/shard-format.md, "Record rules (deep verify)". A checksum proves the bytes are the ones the
+writer stored; these rules prove the writer stored something sane: a hand-made record with a valid
+checksum and boxes outside the image, NaN features, location vectors of another image size, or class
+"distributions" that do not sum to 1 fails here.
+
+    check_record(record, key) -> ["rule <name>: what is wrong", ...]   (empty: the record obeys every rule)
+
+Used by `verify` on every stored record (data/index.py), and by ShardWriter.add on every record before
+it is queued (`refuse_bad_record`), so a shard written by us never breaks them. All checks are
+vectorised numpy over the record's arrays: a few microseconds for a typical record.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ShardError
+from .format import Record, decode_record
+
+BOX_SLACK = 1.0  # pixels: a box may overhang the image by at most this (detector rounding)
+LOC_TOLERANCE = 2.0 ** -20  # |stored - exact| <= LOC_TOLERANCE * max(1, |exact|) for loc5 / loc7
+FP16_UNIT_ROUNDOFF = 2.0 ** -11  # float16 keeps 11 significant bits: rounding moves a value by <= 2^-11 of it
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def prob_sum_tolerance(c: int) -> float:
+    """How far a row of C float16 probabilities may sum from 1.
+
+    Rounding p_i to float16 moves it by at most 2^-11 * p_i (normal numbers) or 2^-25 (subnormals, below
+    2^-14), so the rounded row's sum is within 2^-11 * sum(p) + C * 2^-25 of the exact one, whatever C
+    is. The source row (a float32 softmax) is itself within about C * 2^-24 of 1. Hence 2^-11 + C * 2^-24:
+    for COCO's 91 classes 4.9e-4 + 5e-6, for Visual Genome's 1601 classes 4.9e-4 + 9.5e-5. A row with one
+    class missing, or logits instead of probabilities, is off by far more."""
+    return FP16_UNIT_ROUNDOFF + c * FP32_UNIT_ROUNDOFF
+
+
+def check_id(key: bytes) -> list[str]:
+    """The id rules: the key is valid UTF-8 and holds no NUL (C readers, file names and logs cut at NUL)."""
+    out = []
+    try:
+        bytes(key).decode("utf-8")
+    except UnicodeDecodeError as e:
+        out.append(f"rule id-utf8: the id is not valid UTF-8 ({e.reason} at byte {e.start})")
+    if b"\x00" in bytes(key):
+        out.append(f"rule id-nul: the id holds a NUL byte at {bytes(key).index(0)}")
+    return out
+
+
+def _first(mask: np.ndarray) -> str:
+    """'row 3 (and 2 more)' for a boolean mask over rows (or over rows x columns)."""
+    rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1))
+    more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
+    return f"{int(rows[0])}{more}"
+
+
+def _finite(name: str, a) -> list[str]:
+    if a is None or a.size == 0:
+        return []
+    ok = np.isfinite(a)
+    if ok.all():
+        return []
+    return [f"rule {name}-finite: {name} hold NaN or inf in box {_first(~ok)}"]
+
+
+def _location_rules(rec: Record) -> list[str]:
+    """loc5 / loc7 as the spec's formulas give them from the float32 boxes and the image size (exact, float64)."""
+    b = np.asarray(rec.boxes, dtype=np.float64)
+    W, H = float(rec.width), float(rec.height)
+    x1, y1, x2, y2 = b[:, 0] / W, b[:, 1] / H, b[:, 2] / W, b[:, 3] / H
+    w, h = x2 - x1, y2 - y1
+    out = []
+    for name, stored, exact in (("loc5", rec.loc5, np.stack([x1, y1, x2, y2, w * h], 1)),
+                                ("loc7", rec.loc7, np.stack([x1, y1, x2, y2, w, h, w * h], 1))):
+        bad = np.abs(np.asarray(stored, np.float64) - exact) > LOC_TOLERANCE * np.maximum(1.0, np.abs(exact))
+        if bad.any():
+            i = int(np.flatnonzero(bad.any(1))[0])
+            out.append(f"rule {name}-matches-boxes: {name} of box {_first(bad)} is "
+                       f"{np.asarray(stored[i]).tolist()}, but box {b[i].tolist()} in a {rec.width}x{rec.height} "
+                       f"image gives {exact[i].astype(np.float32).tolist()}")
+    return out
+
+
+def _box_rules(rec: Record) -> list[str]:
+    b = np.asarray(rec.boxes, dtype=np.float64)
+    out = []
+    order = (b[:, 0] > b[:, 2]) | (b[:, 1] > b[:, 3])
+    if order.any():
+        i = int(np.flatnonzero(order)[0])
+        out.append(f"rule box-order: box {_first(order)} {b[i].tolist()} has x1 > x2 or y1 > y2 (xyxy, not xywh?)")
+    s = BOX_SLACK
+    outside = (b[:, 0] < -s) | (b[:, 1] < -s) | (b[:, 2] > rec.width + s) | (b[:, 3] > rec.height + s)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        out.append(f"rule box-inside: box {_first(outside)} {b[i].tolist()} lies more than {s:g} pixel outside "
+                   f"the {rec.width}x{rec.height} image")
+    return out
+
+
+def _distribution_rules(name: str, p) -> list[str]:
+    """Each row is a probability distribution: finite, >= 0, summing to 1 within float16 rounding."""
+    if p is None or p.size == 0:
+        return []
+    p = np.asarray(p, dtype=np.float64)
+    if not np.isfinite(p).all():
+        return [f"rule {name}-finite: {name} hold NaN or inf in box {_first(~np.isfinite(p))}"]
+    out = []
+    neg = p < 0
+    if neg.any():
+        out.append(f"rule {name}-nonnegative: {name} of box {_first(neg)} hold negative values")
+    sums = p.sum(1)
+    tol = prob_sum_tolerance(p.shape[1])
+    off = np.abs(sums - 1.0) > tol
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        out.append(f"rule {name}-sum: {name} of box {_first(off)} sum to {sums[i]:.6f}, not 1 within float16 "
+                   f"rounding (+-{tol:.2g} for {p.shape[1]} values)")
+    return out
+
+
+def check_record(rec: Record, key: bytes | None = None) -> list[str]:
+    """Every rule a record breaks, as 'rule <name>: ...' strings (empty: none). key: the stored key bytes
+    (default: the record's id in UTF-8)."""
+    out = check_id(rec.id.encode("utf-8", "surrogatepass") if key is None else key)
+    out += _finite("features", rec.features)
+    boxes_ok = not (bad := _finite("boxes", rec.boxes))
+    out += bad + _finite("loc5", rec.loc5) + _finite("loc7", rec.loc7)
+    if boxes_ok and rec.boxes.size:
+        out += _box_rules(rec)
+        out += _location_rules(rec)
+    out += _distribution_rules("class_probs", rec.class_probs)
+    out += _distribution_rules("attr_probs", rec.attr_probs)
+    return out
+
+
+def refuse_bad_record(path: str, key: bytes, value) -> None:
+    """The writer's last check, on the exact bytes it is about to store: raise ShardError naming the
+    shard, the id and every rule the record breaks."""
+    problems = check_record(decode_record(key, value, verify=False), key)
+    if problems:
+        name = bytes(key).decode("utf-8", "replace")
+        raise ShardError(f"{path}: record {name!r} breaks the shard format's record rules: {'; '.join(problems)}")
