@@ -64,37 +64,33 @@ def _finite(name: str, a) -> list[str]:
     return [f"rule {name}-finite: {name} hold NaN or inf in box {_first(~ok)}"]
 
 
-def _location_rules(rec: Record) -> list[str]:
-    """loc5 / loc7 as the spec's formulas give them from the float32 boxes and the image size (exact, float64)."""
-    b = np.asarray(rec.boxes, dtype=np.float64)
-    W, H = float(rec.width), float(rec.height)
-    x1, y1, x2, y2 = b[:, 0] / W, b[:, 1] / H, b[:, 2] / W, b[:, 3] / H
-    w, h = x2 - x1, y2 - y1
+def _geometry_rules(rec: Record) -> list[str]:
+    """Boxes in order and inside the image; loc5 / loc7 as the spec's formulas give them from the float32
+    boxes and the image size (computed exactly, in float64). One pass of whole-array operations."""
+    b = np.asarray(rec.boxes, dtype=np.float64)  # (N, 4)
+    size = np.array([rec.width, rec.height, rec.width, rec.height], dtype=np.float64)
     out = []
-    for name, stored, exact in (("loc5", rec.loc5, np.stack([x1, y1, x2, y2, w * h], 1)),
-                                ("loc7", rec.loc7, np.stack([x1, y1, x2, y2, w, h, w * h], 1))):
-        bad = np.abs(np.asarray(stored, np.float64) - exact) > LOC_TOLERANCE * np.maximum(1.0, np.abs(exact))
-        if bad.any():
-            i = int(np.flatnonzero(bad.any(1))[0])
-            out.append(f"rule {name}-matches-boxes: {name} of box {_first(bad)} is "
-                       f"{np.asarray(stored[i]).tolist()}, but box {b[i].tolist()} in a {rec.width}x{rec.height} "
-                       f"image gives {exact[i].astype(np.float32).tolist()}")
-    return out
-
-
-def _box_rules(rec: Record) -> list[str]:
-    b = np.asarray(rec.boxes, dtype=np.float64)
-    out = []
-    order = (b[:, 0] > b[:, 2]) | (b[:, 1] > b[:, 3])
+    order = (b[:, :2] > b[:, 2:]).any(1)
     if order.any():
         i = int(np.flatnonzero(order)[0])
         out.append(f"rule box-order: box {_first(order)} {b[i].tolist()} has x1 > x2 or y1 > y2 (xyxy, not xywh?)")
-    s = BOX_SLACK
-    outside = (b[:, 0] < -s) | (b[:, 1] < -s) | (b[:, 2] > rec.width + s) | (b[:, 3] > rec.height + s)
+    outside = (np.abs(b - size / 2) > size / 2 + BOX_SLACK).any(1)  # x < -slack or x > W + slack, and so on
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
-        out.append(f"rule box-inside: box {_first(outside)} {b[i].tolist()} lies more than {s:g} pixel outside "
-                   f"the {rec.width}x{rec.height} image")
+        out.append(f"rule box-inside: box {_first(outside)} {b[i].tolist()} lies more than {BOX_SLACK:g} pixel "
+                   f"outside the {rec.width}x{rec.height} image")
+    xy = b / size  # x1/W, y1/H, x2/W, y2/H
+    wh = xy[:, 2:] - xy[:, :2]  # w/W, h/H
+    area = wh[:, :1] * wh[:, 1:]
+    exact = np.concatenate([xy, area, xy, wh, area], axis=1)  # (N, 12): loc5 then loc7
+    stored = np.concatenate([rec.loc5, rec.loc7], axis=1).astype(np.float64)
+    bad = np.abs(stored - exact) > LOC_TOLERANCE * np.maximum(1.0, np.abs(exact))
+    for name, cols in (("loc5", slice(0, 5)), ("loc7", slice(5, 12))):
+        if bad[:, cols].any():
+            i = int(np.flatnonzero(bad[:, cols].any(1))[0])
+            out.append(f"rule {name}-matches-boxes: {name} of box {_first(bad[:, cols])} is "
+                       f"{stored[i, cols].astype(np.float32).tolist()}, but box {b[i].tolist()} in a "
+                       f"{rec.width}x{rec.height} image gives {exact[i, cols].astype(np.float32).tolist()}")
     return out
 
 
@@ -102,14 +98,12 @@ def _distribution_rules(name: str, p) -> list[str]:
     """Each row is a probability distribution: finite, >= 0, summing to 1 within float16 rounding."""
     if p is None or p.size == 0:
         return []
-    p = np.asarray(p, dtype=np.float64)
-    if not np.isfinite(p).all():
-        return [f"rule {name}-finite: {name} hold NaN or inf in box {_first(~np.isfinite(p))}"]
+    sums = p.sum(1, dtype=np.float64)  # exact enough: float16 values summed in float64
+    if not np.isfinite(sums).all():
+        return [f"rule {name}-finite: {name} hold NaN or inf in box {_first(~np.isfinite(sums))}"]
     out = []
-    neg = p < 0
-    if neg.any():
-        out.append(f"rule {name}-nonnegative: {name} of box {_first(neg)} hold negative values")
-    sums = p.sum(1)
+    if p.min() < 0:
+        out.append(f"rule {name}-nonnegative: {name} of box {_first(np.asarray(p) < 0)} hold negative values")
     tol = prob_sum_tolerance(p.shape[1])
     off = np.abs(sums - 1.0) > tol
     if off.any():
@@ -127,8 +121,7 @@ def check_record(rec: Record, key: bytes | None = None) -> list[str]:
     boxes_ok = not (bad := _finite("boxes", rec.boxes))
     out += bad + _finite("loc5", rec.loc5) + _finite("loc7", rec.loc7)
     if boxes_ok and rec.boxes.size:
-        out += _box_rules(rec)
-        out += _location_rules(rec)
+        out += _geometry_rules(rec)
     out += _distribution_rules("class_probs", rec.class_probs)
     out += _distribution_rules("attr_probs", rec.attr_probs)
     return out
