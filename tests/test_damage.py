@@ -4,7 +4,6 @@ resumes."""
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
