@@ -31,7 +31,7 @@ import select
 import signal
 import struct
 
-from .errors import ShardError
+from .errors import ShardError, ShardWriteError
 
 MDB_MAGIC = 0xBEEFC0DE
 MDB_DATA_VERSION = 1
@@ -120,7 +120,7 @@ def _over_file_limit(shard: str, needed: int) -> bool:
     return soft != resource.RLIM_INFINITY and size + needed + (1 << 16) > soft
 
 
-def write_error(shard: str, err: Exception, doing: str, needed: int = 0) -> ShardError:
+def write_error(shard: str, err: Exception, doing: str, needed: int = 0) -> ShardWriteError:
     """A failed LMDB write (lmdb.Error or OSError) as a ShardError naming the shard; a full disk says so.
 
     LMDB reports a short write as EIO, which is what a full disk (or the file size limit) gives mid-batch,
@@ -130,12 +130,12 @@ def write_error(shard: str, err: Exception, doing: str, needed: int = 0) -> Shar
     eio = code == errno.EIO or "Input/output error" in text
     kept = "Records committed before are kept"
     if code == errno.ENOSPC or "No space left on device" in text or eio and _disk_full(shard, needed):
-        return ShardError(f"{shard}: no space left on device while {doing} ({text}). {kept}; free some space "
+        return ShardWriteError(f"{shard}: no space left on device while {doing} ({text}). {kept}; free some space "
                           "and rerun the same command to resume")
     if code == errno.EFBIG or "File too large" in text or eio and _over_file_limit(shard, needed):
-        return ShardError(f"{shard}: file too large while {doing} ({text}): the file size limit (`ulimit -f`) or "
+        return ShardWriteError(f"{shard}: file too large while {doing} ({text}): the file size limit (`ulimit -f`) or "
                           f"the filesystem's. {kept}; rerun with a higher limit to resume")
-    return ShardError(f"{shard}: write failed while {doing}: {text}. {kept}; rerun the same command to resume")
+    return ShardWriteError(f"{shard}: write failed while {doing}: {text}. {kept}; rerun the same command to resume")
 
 
 # ---- verify in a child process -----------------------------------------------------------------------

@@ -193,3 +193,39 @@ def test_a_full_disk_is_a_clear_error_and_a_rerun_resumes(tmp_path, how):
     finally:
         if how == "tmpfs":
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "file_size_limit"])
+def test_an_import_that_fills_the_disk_stops_instead_of_skipping_rows(tmp_path, how):
+    """`import --on-error skip` must not call a full disk a bad row (and go on losing rows): it stops with
+    exit 2, and the same command with room resumes to the source's exact content."""
+    src = str(tmp_path / "src")
+    write_synthetic_shard(src, 300, feature_dim=256, min_boxes=5, max_boxes=10, seed=2)
+    h5 = str(tmp_path / "src.h5")
+    cli = ["-m", "regionbert.data.cli"]
+    assert _run(*cli, "export", src, "--to", "hdf5", "-o", h5, "-q").returncode == 0
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    shard = str(disk / "shard")
+    if how == "tmpfs":
+        m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+        if m.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here ({m.stderr.strip()}); file_size_limit covers this")
+    cmd = [*cli, "import", h5, "-o", shard, "-q", "-j", "1", "--commit-every", "16", "--on-error", "skip",
+           "--report", str(tmp_path / "report.jsonl")]
+    try:
+        r = _run(*cmd, preexec_fn=_limit_file_size if how != "tmpfs" else None)
+        said = "no space left on device" if how == "tmpfs" else "file too large"
+        assert r.returncode == 2 and f"error: {shard}: {said}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "report.jsonl")
+        if how == "tmpfs":
+            subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        r = _run(*cmd)
+        assert r.returncode == 0 and "0 bad rows skipped" in r.stdout, r.stdout + r.stderr
+        assert "already there" in r.stdout and " 0 already there" not in r.stdout  # resumed
+        h = _run("-c", f"from regionbert.data import content_hash; print(content_hash({shard!r}))")
+        assert h.stdout.strip() == content_hash(src)
+    finally:
+        if how == "tmpfs":
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
