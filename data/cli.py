@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from .errors import ShardError
 from .index import build_index, summarize
-from .lmdbcheck import verify_isolated
+from .lmdbcheck import describe_failure, verify_isolated
 from .reader import resolve_sources
 from .synth import write_synthetic_shard
 
@@ -287,9 +287,8 @@ def main(argv=None) -> int:
     except ShardError as e:  # ConvertError included
         print(f"regionbert-shards {args.cmd}: error: {e}", file=sys.stderr)
         return 2
-    except lmdb.Error as e:  # a damaged data.mdb that LMDB noticed (`verify` names the shard and what is wrong)
-        print(f"regionbert-shards {args.cmd}: error: a shard's data.mdb is damaged ({type(e).__name__}: {e}); "
-              "run `regionbert-shards verify` on it", file=sys.stderr)
+    except (lmdb.Error, OSError) as e:  # a damaged data.mdb that LMDB noticed, a full disk, an unwritable file
+        print(f"regionbert-shards {args.cmd}: error: {describe_failure(e)}", file=sys.stderr)
         return 2
 
 

@@ -64,10 +64,12 @@ def _read_meta(f, offset: int) -> dict | None:
 
 def check_file(shard: str) -> None:
     """Raise ShardError if SHARD/data.mdb is not an LMDB file that can be mapped without a crash.
-    Does nothing if there is no data.mdb (the caller says what that means)."""
+    Does nothing if there is no data.mdb, or an empty one (the caller says what that means)."""
     data = os.path.join(shard, "data.mdb")
     try:
         size = os.path.getsize(data)
+        if size == 0:  # created, nothing written yet: LMDB initialises it (a reader then finds no tables)
+            return
         with open(data, "rb") as f:
             first = _read_meta(f, 0)
             if first is None:
@@ -136,6 +138,18 @@ def write_error(shard: str, err: Exception, doing: str, needed: int = 0) -> Shar
         return ShardWriteError(f"{shard}: file too large while {doing} ({text}): the file size limit (`ulimit -f`) or "
                           f"the filesystem's. {kept}; rerun with a higher limit to resume")
     return ShardWriteError(f"{shard}: write failed while {doing}: {text}. {kept}; rerun the same command to resume")
+
+
+def describe_failure(err: Exception) -> str:
+    """A command's last word on an lmdb.Error or OSError that no shard-level code turned into a ShardError."""
+    text = str(err)
+    where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+        return f"{where}no space left on device ({text})"
+    if isinstance(err, OSError):
+        return f"{where}{err.strerror or text}"
+    return (f"a shard's data.mdb is damaged ({type(err).__name__}: {text}); `regionbert-shards verify` names the "
+            "shard and what is wrong")
 
 
 # ---- verify in a child process -----------------------------------------------------------------------
