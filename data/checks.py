@@ -89,8 +89,8 @@ def _geometry_rules(rec: Record) -> list[str]:
         if bad[:, cols].any():
             i = int(np.flatnonzero(bad[:, cols].any(1))[0])
             out.append(f"rule {name}-matches-boxes: {name} of box {_first(bad[:, cols])} is "
-                       f"{stored[i, cols].astype(np.float32).tolist()}, but box {b[i].tolist()} in a "
-                       f"{rec.width}x{rec.height} image gives {exact[i, cols].astype(np.float32).tolist()}")
+                       f"{np.round(stored[i, cols], 6).tolist()}, but box {np.round(b[i], 3).tolist()} in a "
+                       f"{rec.width}x{rec.height} image gives {np.round(exact[i, cols], 6).tolist()}")
     return out
 
 
