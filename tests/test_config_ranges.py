@@ -42,7 +42,7 @@ BAD = [  # (override, what the error must say)
     ("data.max_batch_size=-1", "data.max_batch_size"),
     ("data.bucket_size=0", "data.bucket_size"),
     ("optim.lr=NaN", "optim.lr = nan"),
-    ("optim.lr=-0.001", "optim.lr"),
+    ("optim.lr=-0.001", "optim.lr = -0.001 is out of range"),
     ("optim.eps=Infinity", "optim.eps"),
     ("optim.betas=[0.9, 1.5]", "optim.betas"),
     ("optim.betas=[0.9]", "optim.betas"),

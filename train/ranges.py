@@ -91,7 +91,7 @@ RULES = {
     "tasks.wra_iterations": Int(1, 10_000, "IPOT iterations in every ITM step"),
     "tasks.wra_beta": Float(0, 1e3, lo_open=True),
     # optim
-    "optim.lr": Float(0, 10, lo_open=True),
+    "optim.lr": Float(0, 10, why="the peak learning rate; 0 leaves the weights as they are"),
     "optim.betas": BETAS,
     "optim.eps": Float(0, 1, lo_open=True, hi_open=True),
     "optim.weight_decay": Float(0, 1, why="AdamW's decoupled decay per unit of learning rate"),
