@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from regionbert.data import content_hash
@@ -226,3 +227,40 @@ def test_an_import_that_fills_the_disk_stops_instead_of_skipping_rows(tmp_path):
     finally:
         if how == "tmpfs":
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_an_extraction_that_fills_the_disk_stops_and_a_rerun_finishes_it(tmp_path):
+    """The extractor must not file a full disk under failed images (losing the batch that was being
+    committed): it stops with exit 2 naming the shard, and the same command with room finishes the shard."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+    out = tmp_path / "disk"
+    out.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], capture_output=True)
+    how = "file_size_limit" if m.returncode else "tmpfs"
+    cmd = ["-m", "regionbert.extract.cli", str(images), "-o", str(out), "--weights", "none", "--detector",
+           "mobilenet_v3_large_320_fpn", "--min-size", "96", "--max-size", "128", "--workers", "0",
+           "--batch-size", "4", "--commit-every", "4", "--boxes-per-image", "36", "-q"]  # ~75 KB an image
+    shard = str(out / "shard-00000-of-00001")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    try:
+        r = _run(*cmd, env=env, preexec_fn=_limit_file_size if how != "tmpfs" else None)
+        said = "no space left on device" if how == "tmpfs" else "file too large"
+        assert r.returncode == 2 and f"{shard}: {said}" in r.stderr, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+        failures = out / "shard-00000-of-00001.failures.jsonl"
+        assert not failures.exists() or said not in failures.read_text()
+        if how == "tmpfs":
+            subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)
+        r = _run(*cmd, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        v = _run("-m", "regionbert.data.cli", "verify", "-q", shard)
+        assert v.returncode == 0 and "20/20 records checked, 0 bad" in v.stdout, v.stdout
+    finally:
+        if how == "tmpfs":
+            subprocess.run(["umount", "-l", str(out)], capture_output=True)
