@@ -55,13 +55,18 @@ def _first(mask: np.ndarray) -> str:
     return f"{int(rows[0])}{more}"
 
 
+def _all_finite(a) -> bool:
+    """No NaN or inf. float16 (features, probabilities): an integer test of the exponent bits, ~40x faster
+    than np.isfinite, which has no vectorised float16 loop."""
+    if a.dtype == np.float16:
+        return int((a.view(np.uint16) & 0x7C00).max()) < 0x7C00  # exponent all ones: inf or NaN
+    return bool(np.isfinite(a).all())
+
+
 def _finite(name: str, a) -> list[str]:
-    if a is None or a.size == 0:
+    if a is None or a.size == 0 or _all_finite(a):
         return []
-    ok = np.isfinite(a)
-    if ok.all():
-        return []
-    return [f"rule {name}-finite: {name} hold NaN or inf in box {_first(~ok)}"]
+    return [f"rule {name}-finite: {name} hold NaN or inf in box {_first(~np.isfinite(a))}"]
 
 
 def _geometry_rules(rec: Record) -> list[str]:
@@ -98,12 +103,13 @@ def _distribution_rules(name: str, p) -> list[str]:
     """Each row is a probability distribution: finite, >= 0, summing to 1 within float16 rounding."""
     if p is None or p.size == 0:
         return []
-    sums = p.sum(1, dtype=np.float64)  # exact enough: float16 values summed in float64
-    if not np.isfinite(sums).all():
-        return [f"rule {name}-finite: {name} hold NaN or inf in box {_first(~np.isfinite(sums))}"]
+    if not _all_finite(p):
+        return [f"rule {name}-finite: {name} hold NaN or inf in box {_first(~np.isfinite(p))}"]
     out = []
-    if p.min() < 0:
+    negative = int(p.view(np.uint16).max()) > 0x8000 if p.dtype == np.float16 else p.min() < 0  # sign bit, not -0
+    if negative:
         out.append(f"rule {name}-nonnegative: {name} of box {_first(np.asarray(p) < 0)} hold negative values")
+    sums = p.astype(np.float32).sum(1, dtype=np.float64)  # float16 -> float32 is exact; summed in float64
     tol = prob_sum_tolerance(p.shape[1])
     off = np.abs(sums - 1.0) > tol
     if off.any():
