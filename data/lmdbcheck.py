@@ -62,14 +62,17 @@ def _read_meta(f, offset: int) -> dict | None:
             "last_pg": last_pg, "txnid": txnid}
 
 
-def check_file(shard: str) -> None:
+def check_file(shard: str, empty_ok: bool = False) -> None:
     """Raise ShardError if SHARD/data.mdb is not an LMDB file that can be mapped without a crash.
-    Does nothing if there is no data.mdb, or an empty one (the caller says what that means)."""
+    Does nothing if there is no data.mdb (the caller says what that means). empty_ok: an empty file is
+    fine (a writer's LMDB initialises it); for a reader it is a shard whose writer never got going."""
     data = os.path.join(shard, "data.mdb")
     try:
         size = os.path.getsize(data)
-        if size == 0:  # created, nothing written yet: LMDB initialises it (a reader then finds no tables)
-            return
+        if size == 0:
+            if empty_ok:
+                return
+            raise ShardError(f"{shard}: data.mdb is empty: its writer never committed anything (rerun the job)")
         with open(data, "rb") as f:
             first = _read_meta(f, 0)
             if first is None:

@@ -94,7 +94,7 @@ class ShardWriter:
             raise ShardError(f"{self.path}: this process is reading the shard; write it from another process "
                              "(LMDB allows one open environment per file per process)")
         os.makedirs(self.path, exist_ok=True)
-        check_file(self.path)  # data/lmdbcheck.py: never map a damaged file
+        check_file(self.path, empty_ok=True)  # data/lmdbcheck.py: never map a damaged file
         try:
             self._env = lmdb.open(self.path, subdir=True, map_size=map_size, max_dbs=3, meminit=False)
         except lmdb.Error as e:
