@@ -80,6 +80,7 @@ RULES = {
     "data.max_batch_size": Int(0, 2**24, "0: no limit but data.token_budget"),
     "data.num_workers": Int(0, 256, "loader processes per GPU"),
     "data.verify": BOOL,
+    "data.allow_outside": BOOL,
     "data.eval_split": OPTIONAL_TEXT,
     # tasks
     "tasks.mix": MIX,
