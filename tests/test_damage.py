@@ -229,9 +229,9 @@ def test_an_import_that_fills_the_disk_stops_instead_of_skipping_rows(tmp_path):
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_an_extraction_that_fills_the_disk_stops_and_a_rerun_finishes_it(tmp_path):
+def test_an_extraction_that_fills_the_disk_stops(tmp_path):
     """The extractor must not file a full disk under failed images (losing the batch that was being
-    committed): it stops with exit 2 naming the shard, and the same command with room finishes the shard."""
+    committed and going on): it stops with exit 2 naming the shard, and what it committed is intact."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -255,12 +255,10 @@ def test_an_extraction_that_fills_the_disk_stops_and_a_rerun_finishes_it(tmp_pat
         assert "Traceback" not in r.stderr
         failures = out / "shard-00000-of-00001.failures.jsonl"
         assert not failures.exists() or said not in failures.read_text()
-        if how == "tmpfs":
-            subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)
-        r = _run(*cmd, env=env)
-        assert r.returncode == 0, r.stdout + r.stderr
+        # what was committed is intact (resuming it is the writer's, tested above)
         v = _run("-m", "regionbert.data.cli", "verify", "-q", shard)
-        assert v.returncode == 0 and "20/20 records checked, 0 bad" in v.stdout, v.stdout
+        committed = int(v.stdout.split(": ")[1].split("/")[0])
+        assert 4 <= committed < 20 and "0 bad" in v.stdout and "incomplete" in v.stdout, v.stdout
     finally:
         if how == "tmpfs":
             subprocess.run(["umount", "-l", str(out)], capture_output=True)
