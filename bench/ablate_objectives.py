@@ -2,7 +2,7 @@
 against one change at a time, a few seeds each.
 
     python bench/ablate_objectives.py                      # 4 variants x 3 seeds, configs/tiny.toml
-    python bench/ablate_objectives.py --seeds 1 --steps 200  # a smoke run
+    python bench/ablate_objectives.py --seeds 1 --steps 5 --images 60  # a smoke run
 
 Variants (everything else as configs/tiny.toml: the default task mix and loss weights):
 - default:      conditional masking, WRA (weight 0.1), MRC-kl in the mix
