@@ -23,6 +23,8 @@ BUILDERS = {
     "tiny_shapes": (fasterrcnn_tiny_shapes, None),  # no pretrained weights: fine-tune it (the quickstart does)
 }
 CHECKPOINT_FORMAT = "regionbert.detector"  # a self-describing checkpoint: regionbert-detector finetune writes it
+BUTD = "butd_r101_vg"  # bottom-up-attention's Visual Genome R101-C4 (extract/butd.py), from its published .pkl
+DETECTORS = [*BUILDERS, BUTD]
 
 
 @dataclass
@@ -109,6 +111,10 @@ def build_detector(spec: DetectorSpec, **overrides) -> tuple[torch.nn.Module, li
     overrides go to the torchvision builder (e.g. box_score_thresh, box_nms_thresh, rpn settings).
     A `regionbert-detector finetune` checkpoint brings its own builder, class names and sizes (explicit
     min_size / max_size in spec still win)."""
+    if spec.arch == BUTD:
+        from .butd import build_butd  # not a torchvision builder: its own network, weights file and vocabularies
+
+        return build_butd(spec)
     arch, source = spec.arch, spec.weights
     state, meta = (None, None)
     if source.lower() != "none" and os.path.exists(source):
@@ -116,7 +122,7 @@ def build_detector(spec: DetectorSpec, **overrides) -> tuple[torch.nn.Module, li
         if meta is not None:
             arch = meta["arch"]
     if arch not in BUILDERS:
-        raise ValueError(f"unknown detector {arch!r}; choose one of {', '.join(BUILDERS)}")
+        raise ValueError(f"unknown detector {arch!r}; choose one of {', '.join(DETECTORS)}")
     builder, enum = BUILDERS[arch]
     kwargs = dict(overrides)
     if meta is not None:

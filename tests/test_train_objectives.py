@@ -345,3 +345,28 @@ def test_ot_distance_zero_for_a_permutation_and_ignores_padding():
     valid = torch.tensor([[True, True, True, False, False]])
     assert float(ot_distance(x, y_pad, ones, valid)) < 1e-3
     assert float(ot_distance(x, y_pad, ones, torch.zeros(1, 5, dtype=torch.bool))) == 0  # nothing to align
+
+
+def test_adamw_keeps_moving_a_trained_parameter_on_steps_without_its_gradient_as_uniter():
+    # UNITER's optimizer (PyTorch 1.x zero_grad left zeros) steps every trained parameter at every step;
+    # ours must match torch's AdamW given explicit zero gradients, and leave never-trained ones alone
+    torch.manual_seed(0)
+    head, other, fresh = (torch.nn.Parameter(torch.randn(4)) for _ in range(3))
+    ref_head = torch.nn.Parameter(head.detach().clone())
+    ours = build_optimizer(torch.nn.ParameterList([head, other, fresh]), 1e-2, 0.01)
+    ref = torch.optim.AdamW([ref_head], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    fresh_before = fresh.detach().clone()
+    for step in range(4):
+        ours.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        other.grad = torch.ones(4)  # another task's parameter, trained every step
+        g = torch.full((4,), 0.5) if step == 0 else None  # head: trained at step 0 only
+        head.grad = g
+        ref_head.grad = g.clone() if g is not None else torch.zeros(4)
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(head.detach(), ref_head.detach())
+        if step == 0:
+            after_its_own_step = head.detach().clone()
+    assert (head.detach() - after_its_own_step).abs().min() > 1e-3  # moved on steps 1-3 (momentum)
+    assert torch.equal(fresh.detach(), fresh_before)  # no state, no gradient: untouched

@@ -23,7 +23,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from ..errors import ShardError
+from ..errors import ShardError, ShardWriteError
 from ..writer import DB_ORDER, ShardWriter
 
 BOX_EPS = 1e-3  # the writer's tolerance for boxes on the image border (pixels)
@@ -184,6 +184,8 @@ def run_import(source: Source, out: str, *, on_error: str = "stop", report: str 
                             result.added += 1
                         else:
                             result.skipped_existing += 1
+                    except ShardWriteError:  # a full disk is not the row's fault: stop (a rerun resumes)
+                        raise
                     except ShardError as e:  # the writer's own checks (e.g. features overflow float16)
                         bad_row(RowError(d.file, d.row, str(e).split(": ", 1)[-1], d.image_id))
                 bar.set_postfix(bad=len(result.bad), refresh=False)
