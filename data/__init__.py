@@ -3,7 +3,7 @@
     from regionbert.data import ShardWriter, ShardReader, ShardSet
 """
 
-from .errors import CorruptRecordError, ShardError, ShardMismatchError
+from .errors import CorruptRecordError, ShardError, ShardMismatchError, ShardWriteError
 from .format import Record, location_vectors
 from .index import build_index, content_hash, load_index, verify_shard
 from .reader import ShardReader, ShardSet
@@ -11,5 +11,5 @@ from .writer import ShardWriter
 
 __all__ = [
     "CorruptRecordError", "Record", "ShardError", "ShardMismatchError", "ShardReader", "ShardSet",
-    "ShardWriter", "build_index", "content_hash", "load_index", "location_vectors", "verify_shard",
+    "ShardWriteError", "ShardWriter", "build_index", "content_hash", "load_index", "location_vectors", "verify_shard",
 ]

@@ -8,11 +8,14 @@ import json
 import os
 import sys
 
+import lmdb
 from tqdm import tqdm
 
 from .errors import ShardError
-from .index import build_index, summarize, verify_shard
-from .reader import _handle, resolve_sources
+from .index import build_index, summarize
+from .isolate import verify_isolated
+from .lmdbcheck import describe_failure
+from .reader import resolve_sources
 from .synth import write_synthetic_shard
 
 
@@ -66,12 +69,10 @@ def cmd_verify(args) -> int:
     failed = 0
     indexed = _indexed(args.shards, args.allow_outside)
     for path in resolve_sources(args.shards, args.allow_outside)[0]:
-        try:
-            total = _handle(os.path.abspath(path)).count
-        except ShardError:
-            total = None  # verify_shard reports why
-        with tqdm(total=total, desc=f"verify {path}", unit="rec", disable=args.quiet, leave=False) as bar:
-            r = verify_shard(path, progress=bar.update)
+        with tqdm(desc=f"verify {path}", unit="rec", disable=args.quiet, leave=False) as bar:
+            # checksums, tables and the record rules (data/checks.py), walked in a child process: a damaged
+            # file can kill LMDB's reader, and then the child dies, not this command (data/lmdbcheck.py)
+            r = verify_isolated(path, progress=bar.update, total=lambda n: setattr(bar, "total", n))
         entry = indexed.get(os.path.abspath(path))
         if entry is not None:  # the index says what arrived should be
             if entry["count"] != r.count:
@@ -278,7 +279,8 @@ def main(argv=None) -> int:
     _allow_outside(s)
     s.set_defaults(fn=cmd_inspect)
 
-    s = sub.add_parser("verify", help="decode every record and check its checksum; non-zero exit if any is bad")
+    s = sub.add_parser("verify", help="decode every record, check its checksum and the record rules "
+                       "(docs/shard-format.md); non-zero exit if any is bad")
     s.add_argument("shards", nargs="+")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _allow_outside(s)
@@ -312,6 +314,9 @@ def main(argv=None) -> int:
         return args.fn(args)
     except ShardError as e:  # ConvertError included
         print(f"regionbert-shards {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except (lmdb.Error, OSError) as e:  # a damaged data.mdb that LMDB noticed, a full disk, an unwritable file
+        print(f"regionbert-shards {args.cmd}: error: {describe_failure(e)}", file=sys.stderr)
         return 2
 
 

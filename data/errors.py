@@ -20,3 +20,8 @@ class CorruptRecordError(ShardError):
 
 class ShardMismatchError(ShardError):
     """A record or a shard whose feature dim, dtype or class set differ from the shard's."""
+
+
+class ShardWriteError(ShardError):
+    """The shard could not be written (a full disk, the file size limit, an I/O error): not the record's
+    fault. Stop, and rerun the same command to resume from the last commit."""

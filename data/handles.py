@@ -33,6 +33,7 @@ from .format import (
     decode_meta,
     decode_state,
 )
+from .lmdbcheck import check_file
 
 _READ_ONLY_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -66,6 +67,7 @@ class Handle:
     def __init__(self, path: str):
         if not os.path.isfile(os.path.join(path, "data.mdb")):
             raise ShardError(f"{path}: not a shard (no data.mdb in this folder)")
+        check_file(path)  # data/lmdbcheck.py: a truncated or garbled file is an error here, not a SIGBUS later
         self.path = path
         self.env = None  # set for complete shards: the shared, lock-free, never-closed environment
         self.lockless = False  # an incomplete shard read without LMDB's lock (a read-only location)

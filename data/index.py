@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import lmdb
 
+from .checks import check_record
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
 from .format import (
     DB_META,
@@ -95,6 +96,7 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
             try:
                 rec = decode_record(key, value, verify=True, expect=h.expect)
                 rec.extra  # noqa: B018 - parse it: verify checks every field
+                report.bad += [(name, rule) for rule in check_record(rec, key)]  # data/checks.py
                 hash_entry(hasher, key, stored_checksum(value))
             except CorruptRecordError as e:
                 report.bad.append((name, e.reason))

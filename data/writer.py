@@ -7,6 +7,7 @@ import os
 import lmdb
 import numpy as np
 
+from .checks import refuse_bad_record
 from .errors import ShardError, ShardMismatchError
 from .format import (  # noqa: F401 - DB_*, META_*, order_key, comparable_settings: also imported from here
     DB_META,
@@ -29,6 +30,7 @@ from .format import (  # noqa: F401 - DB_*, META_*, order_key, comparable_settin
     settings_diff,
 )
 from .handles import open_for_reading_here
+from .lmdbcheck import check_file, write_error
 from .lock import WriterLock
 
 PROB_SUM_TOLERANCE = 0.02  # float16 rounding over ~1600 classes stays well inside this
@@ -86,6 +88,7 @@ class ShardWriter:
 
     def _open(self, map_size, feature_dim, feature_dtype, class_names, attribute_names, extractor, append) -> None:
         os.makedirs(self.path, exist_ok=True)
+        check_file(self.path, empty_ok=True)  # data/lmdbcheck.py: never map a damaged file
         try:
             self._env = lmdb.open(self.path, subdir=True, map_size=map_size, max_dbs=3, meminit=False)
         except lmdb.Error as e:
@@ -172,6 +175,7 @@ class ShardWriter:
             self._touch()
         value = encode_record(key, int(width), int(height), *arrays, extra=extra,
                               feature_dtype=self.meta["feature_dtype"])
+        refuse_bad_record(self.path, key, value)  # the record rules (data/checks.py), on the bytes to be stored
         self._pending.append((key, value))
         self._pending_keys.add(key)
         self._pending_bytes += len(value)
@@ -195,6 +199,13 @@ class ShardWriter:
                 break
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.Error as e:  # a full disk: nothing of this batch was written; earlier commits are kept
+                err = write_error(self.path, e, f"committing records {self.count}..{len(self) - 1}",
+                                  self._pending_bytes)
+                self._pending.clear()  # (a rerun resumes after the last commit)
+                self._pending_keys.clear()
+                self._pending_bytes = 0
+                raise err from None
         self.count += len(self._pending)
         self._pending.clear()
         self._pending_keys.clear()
@@ -236,6 +247,8 @@ class ShardWriter:
                 return
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.Error as e:
+                raise write_error(self.path, e, "writing the shard's state") from None
 
     def _grow(self) -> None:
         self._env.set_mapsize(self._env.info()["map_size"] * 2)

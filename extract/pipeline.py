@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from regionbert.data import ShardError, ShardWriter
+from regionbert.data import ShardError, ShardWriteError, ShardWriter
 
 from .detector import DetectorSpec, build_detector
 from .images import (
@@ -231,6 +231,8 @@ class _ShardWriterThread(threading.Thread):
             try:
                 self.writer.add(item.id, **fields)
                 self.written += 1
+            except ShardWriteError as e:  # a full disk: stop the run (a rerun resumes), don't blame the image
+                self.error = e
             except ShardError as e:  # a record the shard refuses (e.g. non-finite features)
                 self.on_failure(item, str(e))
             except BaseException as e:  # noqa: BLE001 - reported on the main thread

@@ -16,7 +16,8 @@ def random_record(rng, n=7, dim=32, num_classes=NUM_CLASSES, width=640, height=4
     out = dict(width=width, height=height, boxes=np.stack([x1, y1, x2, y2], 1),
                features=rng.standard_normal((n, dim)).astype(np.float32), class_probs=probs)
     if attrs:
-        out["attr_probs"] = rng.uniform(0, 1, (n, attrs))
+        a = rng.uniform(0, 1, (n, attrs))
+        out["attr_probs"] = a / a.sum(1, keepdims=True)  # a distribution per box (the record rules)
     return out
 
 

@@ -179,6 +179,8 @@ def write_case(path, case, seed=0, extractor=EXTRACTOR):
             if cp is not None:
                 cp /= cp.sum(axis=1, keepdims=True)
             ap = rng.random((n, A)).astype(np.float32) if A else None
+            if ap is not None:  # a distribution per box, like class_probs (the record rules)
+                ap /= ap.sum(axis=1, keepdims=True)
             extra = {"src": image_id, "row": int(n), "note": "ünï"} if case["extra"] else None
             w.add(image_id, width=W, height=H, boxes=boxes, features=features, class_probs=cp, attr_probs=ap,
                   extra=extra)

@@ -128,6 +128,8 @@ def resolve_resume(resume: str | None, run_dir: str) -> str | None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint's contents, checked: the parts any checkpoint has, of the right kinds (ValueError naming
+    the file and the part otherwise). `check_resumable` checks them against the model they are for."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no checkpoint here")
     try:
@@ -137,8 +139,102 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     missing = [k for k in ("model", "step", "config") if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {missing}")
+    problems = _part_problems(state)
+    if problems:
+        raise ValueError(f"{path}: damaged checkpoint: {'; '.join(problems)}")
     return state
 
+
+def _is_int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _part_problems(state: dict) -> list[str]:
+    """What is wrong with the parts of a loaded checkpoint, on their own (kinds and ranges)."""
+    out = []
+    model = state["model"]
+    if not isinstance(model, dict) or not model or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                           for k, v in model.items()):
+        out.append("part 'model' is not a non-empty table of named tensors")
+    else:
+        bad = [k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            out.append(f"part 'model' holds NaN or inf in {bad[:5]}")
+    if not _is_int(state["step"]):
+        out.append(f"part 'step' is {state['step']!r}, not an integer >= 0")
+    if not isinstance(state["config"], dict):
+        out.append("part 'config' is not a table")
+    for k in ("optimizer", "scheduler", "scaler", "data"):
+        if state.get(k) is not None and not isinstance(state[k], dict):
+            out.append(f"part {k!r} is not a table")
+    opt = state.get("optimizer")
+    if isinstance(opt, dict) and not (isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
+        out.append("part 'optimizer' lacks its 'state' and 'param_groups'")
+    sched = state.get("scheduler")
+    if isinstance(sched, dict) and "last_epoch" in sched and not _is_int(sched["last_epoch"], -1):
+        out.append(f"part 'scheduler' has last_epoch {sched['last_epoch']!r}")
+    data = state.get("data")
+    if isinstance(data, dict):
+        for k in ("batches", "world_size"):
+            if k in data and not _is_int(data[k], 0 if k == "batches" else 1):
+                out.append(f"part 'data' has {k} = {data[k]!r}")
+    rng = state.get("rng")
+    if rng is not None and not (isinstance(rng, list) and all(isinstance(r, dict) and set(r) >= RNG_KEYS and
+                                                              all(torch.is_tensor(t) for t in r.values())
+                                                              for r in rng)):
+        out.append(f"part 'rng' is not a list of RNG states with tensors {sorted(RNG_KEYS)}")
+    return out
+
+
+def check_resumable(path: str, state: dict, model, optimizer=None, scheduler=None) -> None:
+    """Before resuming: the checkpoint has every part a run needs, and its tensors fit this model and
+    optimizer. ValueError naming the checkpoint and the part (and the tensor) otherwise."""
+    missing = [k for k in ("optimizer", "scheduler") if state.get(k) is None]
+    if missing:
+        raise ValueError(f"{path}: cannot resume from this checkpoint: it lacks {missing} (a run's checkpoints "
+                         "have them)")
+    want = model.state_dict()
+    have = state["model"]
+    problems = []
+    if set(have) != set(want):
+        lost, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        problems.append(f"part 'model' lacks {lost[:5]}{'...' if len(lost) > 5 else ''} and has unknown "
+                        f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
+    for k in sorted(set(have) & set(want)):
+        if have[k].shape != want[k].shape:
+            problems.append(f"part 'model' tensor {k!r} has shape {tuple(have[k].shape)}, the model's is "
+                            f"{tuple(want[k].shape)}")
+    if optimizer is not None and not problems:
+        problems += _optimizer_problems(state["optimizer"], optimizer)
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not fit this run: {'; '.join(problems[:8])}")
+
+
+def _optimizer_problems(saved: dict, optimizer) -> list[str]:
+    """The saved optimizer state against this run's optimizer: same groups, per-parameter state of the
+    parameters' shapes (Adam's exp_avg, exp_avg_sq)."""
+    groups = saved["param_groups"]
+    mine = optimizer.state_dict()["param_groups"]
+    sizes = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in groups]
+    if sizes != [len(g["params"]) for g in mine]:
+        return [f"part 'optimizer' has parameter groups of sizes {sizes}, this run's are "
+                f"{[len(g['params']) for g in mine]}"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict numbers them in this order
+    out = []
+    for i, s in saved["state"].items():
+        if not (_is_int(i) and i < len(params) and isinstance(s, dict)):
+            out.append(f"part 'optimizer' has state for parameter {i!r}, which does not exist")
+            continue
+        for name, t in s.items():
+            if torch.is_tensor(t) and t.dim() and t.shape != params[i].shape:
+                out.append(f"part 'optimizer' state {name!r} of parameter {i} has shape {tuple(t.shape)}, the "
+                           f"parameter's is {tuple(params[i].shape)}")
+            elif torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                out.append(f"part 'optimizer' state {name!r} of parameter {i} holds NaN or inf")
+    return out
+
+
+RNG_KEYS = {"python", "python_gauss", "numpy", "numpy_gauss", "torch", "cuda"}
 
 # RNG states as tensors (weights_only loading accepts tensors, not numpy or tuples of Python objects).
 

@@ -194,6 +194,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
 
 
 def check(cfg: Config) -> None:
+    from .ranges import check_ranges
+
+    check_ranges(cfg)  # every value in its range, naming the key (train/ranges.py)
     ModelConfig(**dataclasses.asdict(cfg.model))  # re-runs its checks
     if cfg.tasks.masking not in ("conditional", "joint"):
         raise ValueError(f"tasks.masking must be conditional or joint, got {cfg.tasks.masking!r}")

@@ -4,7 +4,22 @@
 
 Text embeddings are BERT's (word + position + type 0). A region has no order, so its "position" is its
 box: LayerNorm(Linear(feature)) + LayerNorm(Linear(location)) + type 1, then LayerNorm (UNITER). A
-masked region's feature is replaced by a zero vector (or a learned one, `region_mask_embedding`).
+masked region's feature is replaced by a zero vector plus a learned mask embedding (UNITER's
+`mask_embedding`, initialised N(0, 0.02)) before that feature Linear + LayerNorm.
+
+What is UNITER's here (checked side by side with UNITER's model/model.py and model/pretrain.py) and what
+is not:
+- UNITER's: the embeddings above, post-LayerNorm BERT layers, the pooler, the masked-region input (zeros
+  + learned mask embedding), and the heads in train/tasks/: MLM decoder tied to the word embeddings;
+  MRFR regressor tied to the transpose of the region feature projection (`feature.weight`) plus its
+  own bias; one region classifier shared by MRC and MRC-kl; ITM on the pooled [CLS]; WRA by IPOT over
+  every text token ([CLS] and [SEP] included) and every region.
+- Named options, not UNITER's defaults: `region_mask_embedding = false` feeds the zero vector alone
+  (beware: with the feature bias at zero, LayerNorm of that constant vector back-propagates with a gain
+  of about 1/sqrt(eps), which makes MRFR / MRC gradients 10^4 times MLM's at initialisation);
+  `shared_region_classifier = false` gives MRC and MRC-kl a head each.
+- Implemented differently, same function: one fused qkv matrix, and text + regions packed without
+  holes (UNITER gathers them the same way; the outputs are the same).
 
 Each sample is packed without holes: its text, then its regions, then padding to the batch's longest
 (text + regions). So a batch sorted by that total length (train/data.py) pads almost nothing.
@@ -35,7 +50,9 @@ class ModelConfig:
     loc_dim: int = 7  # 5 (ViLBERT) or 7 (UNITER) location vector
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
-    region_mask_embedding: bool = False  # False: a masked region's feature is zeros (UNITER); True: learned
+    # a masked region's feature: zeros + a learned mask embedding (UNITER); False: the zeros alone
+    region_mask_embedding: bool = True
+    shared_region_classifier: bool = True  # MRC and MRC-kl share one classifier (UNITER); False: one each
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -99,12 +116,18 @@ class RegionEmbeddings(nn.Module):
         self.location, self.location_ln = nn.Linear(cfg.loc_dim, C), nn.LayerNorm(C, eps=eps)
         self.ln = nn.LayerNorm(C, eps=eps)
         self.drop = nn.Dropout(cfg.dropout)
-        self.mask_feature = nn.Parameter(torch.zeros(cfg.feature_dim)) if cfg.region_mask_embedding else None
+        # UNITER's mask_embedding is nn.Embedding(2, D, padding_idx=0) with row 0 kept at zero: one learned
+        # (D,) vector, N(0, 0.02) like every embedding; it gets weight decay as UNITER's does
+        self.mask_embedding = nn.Parameter(torch.randn(cfg.feature_dim) * 0.02) if cfg.region_mask_embedding else None
 
     def forward(self, features, locations, region_mask, type_emb):  # (B, N, D), (B, N, loc), (B, N) -> (B, N, C)
+        w = self.feature.weight
+        features, locations = features.to(w.dtype), locations.to(w.dtype)  # e.g. float16 from the shards
         if region_mask is not None:  # a masked region shows nothing of its feature, only its box
-            fill = self.mask_feature if self.mask_feature is not None else features.new_zeros(())
-            features = torch.where(region_mask.unsqueeze(-1), fill.to(features.dtype), features)
+            hide = region_mask.unsqueeze(-1)  # (B, N, 1)
+            features = features.masked_fill(hide, 0.0)
+            if self.mask_embedding is not None:
+                features = features + hide * self.mask_embedding  # zeros + the mask embedding, as UNITER
         x = self.feature_ln(self.feature(features)) + self.location_ln(self.location(locations)) + type_emb
         return self.drop(self.ln(x))
 

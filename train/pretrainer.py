@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .model import EncoderOutput, ModelConfig, RegionBert, init_weights
-from .tasks import TASKS
+from .tasks import TASKS, RegionClassifier
 
 
 class Pretrainer(nn.Module):
@@ -13,10 +13,13 @@ class Pretrainer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = RegionBert(cfg)
-        word = self.encoder.text_embeddings.word
-        self.heads = nn.ModuleDict({name: head(cfg, word) for name, head in TASKS.items() if name != "itm"})
-        self.heads["itm"] = TASKS["itm"](cfg, word, wra_weight, wra_iterations, wra_beta)
-        self.heads.apply(init_weights)  # touches Linear/LayerNorm modules, not the tied MLM weight
+        shared = RegionClassifier(cfg) if cfg.shared_region_classifier else None  # MRC and MRC-kl (UNITER)
+        self.heads = nn.ModuleDict({
+            "mlm": TASKS["mlm"](cfg, self.encoder), "mrfr": TASKS["mrfr"](cfg, self.encoder),
+            "mrc": TASKS["mrc"](cfg, self.encoder, shared), "mrc_kl": TASKS["mrc_kl"](cfg, self.encoder, shared),
+            "itm": TASKS["itm"](cfg, self.encoder, wra_weight, wra_iterations, wra_beta)})
+        assert set(self.heads) == set(TASKS)
+        self.heads.apply(init_weights)  # Linear / LayerNorm modules only: not the tied MLM and MRFR weights
 
     def encode(self, batch: dict) -> EncoderOutput:
         return self.encoder(batch["input_ids"], batch["text_lens"], batch["features"], batch["locations"],

@@ -12,7 +12,7 @@ import torch
 from regionbert.data import ShardSet
 
 from .bert import apply_bert_config, bert_tokenizer, load_bert
-from .checkpoint import load_checkpoint, resolve_resume, rng_state, save_run_checkpoint, set_rng_state
+from .checkpoint import check_resumable, load_checkpoint, resolve_resume, rng_state, save_run_checkpoint, set_rng_state
 from .config import Config, save_config
 from .data import PairDataset, Pairs, TaskSampler, TokenBucketSampler, collate
 from .distributed import Dist, close_distributed, digests_agree, gather_tensors, init_distributed
@@ -147,6 +147,7 @@ def _run(cfg: Config, resume, print_fn, d: Dist) -> dict:
     scheduler = build_scheduler(optimizer, o.warmup_steps, o.steps)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.run.precision == "fp16")
     if state:
+        check_resumable(ckpt, state, model, optimizer, scheduler)  # parts and shapes, naming the checkpoint
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

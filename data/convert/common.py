@@ -25,7 +25,7 @@ import xxhash
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
-from ..errors import ShardError
+from ..errors import ShardError, ShardWriteError
 from ..writer import DB_ORDER, ShardWriter
 
 BOX_EPS = 1e-3  # the writer's tolerance for boxes on the image border (pixels)
@@ -267,6 +267,8 @@ def run_import(source: Source, out: str, *, on_error: str = "stop", report: str 
                             seen[d.image_id] = (digest, sys.intern(d.file), d.row)
                         else:
                             result.skipped_existing += 1
+                    except ShardWriteError:  # a full disk is not the row's fault: stop (a rerun resumes)
+                        raise
                     except ShardError as e:  # the writer's own checks (e.g. features overflow float16)
                         bad_row(RowError(d.file, d.row, str(e).split(": ", 1)[-1], d.image_id))
                 bar.set_postfix(bad=len(result.bad), refresh=False)

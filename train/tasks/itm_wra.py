@@ -2,28 +2,29 @@
 
 ITM: half the pairs in an ITM batch had their image swapped for another one (train/data.py);
 a 2-way classifier on the pooled [CLS] output says which pairs match (itm_labels 1) and which don't.
-WRA: the optimal-transport distance between the caption's words and the image's regions
-(train/ot.py) should be small for matching pairs and large for the others:
-    wra = (sum of distances over matches - sum over mismatches) / B, times a weight (0.1).
+WRA: the optimal-transport distance between the text's outputs and the regions' outputs (train/ot.py)
+should be small for matching pairs and large for the others:
+    wra = (sum of distances over matches - sum over mismatches) / B, times a weight (0.1),
+as UNITER's pretrain.py. The text side is every text token, [CLS] and [SEP] included (UNITER's
+itm_ot_collate pads the transport at the full text length).
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import EncoderOutput, ModelConfig
+from ..model import EncoderOutput, ModelConfig, RegionBert
 from ..ot import ot_distance
 
 
-def word_and_region_validity(batch: dict, L: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) True on words (not [CLS], [SEP] or padding), (B, N) True on real regions."""
+def text_and_region_validity(batch: dict, L: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) True on text tokens ([CLS] and [SEP] too, not padding), (B, N) True on real regions."""
     t, r = torch.arange(L, device=device), torch.arange(N, device=device)
-    words = (t >= 1) & (t < (batch["text_lens"] - 1).unsqueeze(1))
-    return words, r < batch["region_lens"].unsqueeze(1)
+    return t < batch["text_lens"].unsqueeze(1), r < batch["region_lens"].unsqueeze(1)
 
 
 class ITMHead(nn.Module):
-    def __init__(self, cfg: ModelConfig, word_embeddings: nn.Embedding | None = None, wra_weight: float = 0.1,
+    def __init__(self, cfg: ModelConfig, encoder: RegionBert | None = None, wra_weight: float = 0.1,
                  wra_iterations: int = 50, wra_beta: float = 0.5):
         super().__init__()
         self.classify = nn.Linear(cfg.hidden_size, 2)
@@ -33,9 +34,9 @@ class ITMHead(nn.Module):
         labels = batch["itm_labels"]  # (B,) 1 = the caption's own image, 0 = another image
         losses = {"itm": F.cross_entropy(self.classify(out.pooled), labels)}
         if self.wra_weight:
-            words, regions = word_and_region_validity(batch, out.text.shape[1], out.regions.shape[1], labels.device)
-            dist = ot_distance(out.text, out.regions, words, regions, self.wra_beta, self.wra_iterations)  # (B,)
-            usable = words.any(1) & regions.any(1)  # a pair with no words or no boxes aligns nothing
+            text, regions = text_and_region_validity(batch, out.text.shape[1], out.regions.shape[1], labels.device)
+            dist = ot_distance(out.text, out.regions, text, regions, self.wra_beta, self.wra_iterations)  # (B,)
+            usable = text.any(1) & regions.any(1)  # a pair without boxes aligns nothing
             sign = torch.where(labels == 1, 1.0, -1.0)
             losses["wra"] = self.wra_weight * (sign * dist * usable).sum() / labels.numel()
         return losses

@@ -1,7 +1,7 @@
 """Masked language modelling: predict the hidden words from the other words and the image.
 
 The batch carries mlm_labels (B, L): the original id where a word was chosen (train/masking.py),
--100 elsewhere. The decoder is tied to the word embeddings (BERT), plus an output bias.
+-100 elsewhere. The decoder is tied to the word embeddings (BERT, UNITER), plus an output bias.
 """
 
 import torch
@@ -9,15 +9,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..masking import IGNORE
-from ..model import EncoderOutput, ModelConfig
+from ..model import EncoderOutput, ModelConfig, RegionBert
 from .common import no_loss, transform
 
 
 class MLMHead(nn.Module):
-    def __init__(self, cfg: ModelConfig, word_embeddings: nn.Embedding):
+    def __init__(self, cfg: ModelConfig, encoder: RegionBert):
         super().__init__()
         self.transform = transform(cfg)
-        self.weight = word_embeddings.weight  # (V, C), tied: the same Parameter as the embedding's
+        self.weight = encoder.text_embeddings.word.weight  # (V, C), tied: the same Parameter as the embedding's
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # (M, C) -> (M, V)
