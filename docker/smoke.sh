@@ -74,6 +74,9 @@ debian_mirror() {
 # packages too big to keep in the image's /wheels: installed into the venv from the host folder instead
 BIG_WHEELS='^(torch|torchvision|triton|nvidia_|nvidia-|cuda_|cuda-)'
 
+# a command inside the rootfs, with none of this host's environment (its pip settings name host paths)
+in_rootfs() { env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 chroot "$WORK/rootfs" "$@"; }
+
 build_base() {
     local rootfs=$WORK/rootfs wheels=$WORK/wheels mirror
     mirror=$(debian_mirror)
@@ -91,11 +94,11 @@ build_base() {
         if [[ $(basename "$w") =~ $BIG_WHEELS ]]; then ln "$w" "$rootfs/tmp/big/" || cp "$w" "$rootfs/tmp/big/"
         else cp "$w" "$rootfs/wheels/"; fi
     done
-    chroot "$rootfs" /usr/bin/python3 -m venv /opt/venv || return 1
-    chroot "$rootfs" /opt/venv/bin/pip install --no-index --no-cache-dir --find-links /tmp/big --find-links /wheels \
+    in_rootfs /usr/bin/python3 -m venv /opt/venv || return 1
+    in_rootfs /opt/venv/bin/pip install --no-index --no-cache-dir --find-links /tmp/big --find-links /wheels \
         torch torchvision || return 1
     rm -rf "$rootfs/tmp/big" "$rootfs/var/cache/apt/archives/"*.deb "$rootfs/var/lib/apt/lists/"*
-    chroot "$rootfs" /opt/venv/bin/python -c "import torch, torchvision; print('torch', torch.__version__, \
+    in_rootfs /opt/venv/bin/python -c "import torch, torchvision; print('torch', torch.__version__, \
 'torchvision', torchvision.__version__)" || return 1
     tar -C "$rootfs" -c . | podman import \
         --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
@@ -116,6 +119,14 @@ run_in() {
     shift
     c=$(buildah from --pull=never --quiet "$image") || return 1
     CONTAINERS+=("$c")
+    # buildah (1.28, Debian bookworm) ignores a lone -v onto one of the image's VOLUMEs and mounts an empty copy
+    # there instead; without the VOLUME entries the -v mounts apply and the rest are the image's own folders
+    local v unset=()
+    # shellcheck disable=SC2016  # a Go template, not shell
+    for v in $(buildah inspect --format '{{range $k, $_ := .OCIv1.Config.Volumes}}{{$k}} {{end}}' "$c"); do
+        unset+=(--volume "$v-")
+    done
+    ((${#unset[@]} == 0)) || buildah config "${unset[@]}" "$c" || return 1
     buildah run --isolation chroot --user "$user" "${opts[@]}" "$c" -- "$@"
 }
 
