@@ -9,7 +9,8 @@
 # plus an extract image with local detector weights baked in (--build-arg WEIGHTS=<file from the context>).
 # Prints PASS/FAIL per step with timings; exits 1 if any step failed. Idempotent: the base image is built once
 # and reused (SMOKE_REBUILD_BASE=1 to rebuild it); every run starts from fresh volumes.
-# Not part of CI: the base image takes gigabytes (torch) and the first run several minutes.
+# Not part of CI: the base image takes 6 GB (torch with its CUDA libraries) and the first run needs about 25 GB free
+# while it is made, and 15 minutes; later runs about 12 minutes on a busy 2-core machine.
 #
 # Settings (environment):
 #   SMOKE_WORK          scratch folder (default /var/tmp/regionbert-smoke; volumes, logs, the base's rootfs while built)
@@ -18,7 +19,8 @@
 #   SMOKE_PIP           pip that downloads the wheels for the base (default: pip3); its config decides the index
 #   SMOKE_QUICKSTART_ARGS  arguments for regionbert-quickstart (default: --images 32 --steps 40, a few minutes on
 #                       a busy 2-core machine; set it empty for the full quickstart)
-#   SMOKE_KEEP=1        keep the run's working containers and volumes for a look afterwards
+#   SMOKE_KEEP=1        keep the working containers (buildah containers) for a look afterwards; the volumes and
+#                       logs under SMOKE_WORK stay until the next run anyway
 # `podman run` needs cgroups and rlimits that sandboxes often refuse; the commands run with
 # `buildah from IMAGE` + `buildah run --isolation chroot --user 10001:10001 -v HOST:/vol ...` instead, which is
 # the same image, user and mounts (the ENTRYPOINT is spelled out, since buildah run does not apply it).
@@ -82,11 +84,12 @@ build_base() {
     local rootfs=$WORK/rootfs wheels=$WORK/wheels mirror
     mirror=$(debian_mirror)
     [[ -n $mirror ]] || { echo "no Debian mirror in /etc/apt/sources.list*; set SMOKE_MIRROR"; return 1; }
-    rm -rf "$rootfs" && mkdir -p "$wheels" || return 1
+    # the wheels are downloaded for this pip's Python, which must be the image's (3.11 on bookworm)
+    [[ $("$PIP" --version) == *"python 3.11"* ]] || { echo "$PIP is not a Python 3.11 pip"; return 1; }
+    rm -rf "$rootfs" "$wheels"
+    mkdir -p "$wheels" || return 1
     echo "debootstrap from $mirror"
     debootstrap --variant=minbase --include=python3,python3-venv,python3-pip bookworm "$rootfs" "$mirror" || return 1
-    # the same Python minor as the image's (3.11 on bookworm) is needed for the wheels to fit
-    [[ $("$PIP" --version) == *"python 3.11"* ]] || { echo "$PIP is not a Python 3.11 pip"; return 1; }
     "$PIP" download -d "$wheels" "$ROOT" setuptools wheel || return 1
     rm -f "$wheels"/regionbert-*  # the project itself comes from the build context
     mkdir -p "$rootfs/wheels" "$rootfs/tmp/big"
@@ -229,7 +232,10 @@ print(info['weights_digest'])" || return 1
 
 baked_step() {  # the extract image with that file baked in uses it by default, with no --detector/--weights
     local in_image=/opt/regionbert/weights/${WEIGHTS_FILE##*/}
-    build_target extract "$BAKED_IMAGE" --build-arg DETECTOR="$DETECTOR" --build-arg WEIGHTS="$in_image" || return 1
+    build_target extract "$BAKED_IMAGE" --build-arg DETECTOR="$DETECTOR" --build-arg WEIGHTS="$in_image"
+    local rc=$?
+    rm -f "$ROOT/$WEIGHTS_FILE"  # or every later extract image would carry it too
+    ((rc == 0)) || return 1
     podman image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$BAKED_IMAGE" | grep REGIONBERT_
     install -d -o "$APP_UID" -g "$APP_UID" "$V/shards-baked"
     mkdir -p "$V/few" && find "$V/data/images" -name '*.jpg' | sort | head -n 4 | xargs cp -t "$V/few" || return 1
