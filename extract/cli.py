@@ -10,7 +10,8 @@ import warnings
 
 from regionbert.data import ShardError
 
-from .detector import BUILDERS, DetectorSpec
+from .butd import BUTD_POLICIES, BUTDPolicy
+from .detector import BUTD, DETECTORS, DetectorSpec
 from .images import DEFAULT_MAX_PIXELS
 from .pipeline import ExtractConfig, run, summary_dict
 from .regions import POLICIES, BoxPolicy
@@ -23,15 +24,22 @@ def parse_args(argv=None) -> ExtractConfig:
     p.add_argument("-o", "--out", required=True, help="output folder; this job writes shard-IIIII-of-NNNNN in it")
     g = p.add_argument_group("detector")
     g.add_argument("--detector", default=os.environ.get("REGIONBERT_DETECTOR", "resnet50_fpn_v2"),
-                   choices=list(BUILDERS), help="default: $REGIONBERT_DETECTOR or resnet50_fpn_v2")
+                   choices=DETECTORS, help="default: $REGIONBERT_DETECTOR or resnet50_fpn_v2; butd_r101_vg: "
+                   "bottom-up-attention's Visual Genome detector (2048-d, 1600 classes, 400 attributes), "
+                   "--weights faster_rcnn_from_caffe_attr.pkl, 600/1000 by default")
     g.add_argument("--weights", default=os.environ.get("REGIONBERT_WEIGHTS", "DEFAULT"),
                    help="torchvision weights name (DEFAULT, COCO_V1, ...; downloaded to the torch cache), a "
-                        "local checkpoint file, or 'none' (random init: dry runs and tests only)")
+                        "local checkpoint file (butd_r101_vg: the published .pkl), or 'none' (random init: dry runs "
+                        "and tests only)")
     g.add_argument("--seed", type=int, default=0, help="init seed for --weights none")
-    g.add_argument("--min-size", type=int, help="resize shorter side to this (default: the model's, 800)")
-    g.add_argument("--max-size", type=int, help="cap on the longer side (default: the model's, 1333)")
+    g.add_argument("--min-size", type=int,
+                   help="resize shorter side to this (default: the model's, 800; butd_r101_vg 600)")
+    g.add_argument("--max-size", type=int,
+                   help="cap on the longer side (default: the model's, 1333; butd_r101_vg 1000)")
     g = p.add_argument_group("boxes")
-    g.add_argument("--policy", default="butd", choices=POLICIES)
+    g.add_argument("--policy", default="butd", choices=[*POLICIES, "notebook"],
+                   help="notebook (butd_r101_vg only): py-bottom-up-attention's attribute notebook, "
+                        "--boxes-per-image class-regressed detections (default 36)")
     g.add_argument("--boxes-per-image", type=int, help="fixed policy: exactly this many boxes (e.g. 36)")
     g.add_argument("--min-boxes", type=int, default=10)
     g.add_argument("--max-boxes", type=int, default=100)
@@ -70,12 +78,18 @@ def parse_args(argv=None) -> ExtractConfig:
         p.error("--workers must be 0 or more")
     policy = a.policy
     lo, hi = a.min_boxes, a.max_boxes
-    if a.boxes_per_image is not None:
+    if policy == "notebook":
+        if a.detector != BUTD:
+            p.error(f"--policy notebook is {BUTD}'s")
+        lo = hi = a.boxes_per_image or 36
+    elif a.boxes_per_image is not None:
         policy, lo, hi = "fixed", a.boxes_per_image, a.boxes_per_image
+    if a.detector == BUTD and policy not in BUTD_POLICIES:
+        p.error(f"--detector {BUTD} takes --policy {', '.join(BUTD_POLICIES)}")
     return ExtractConfig(
         images=a.images, out=a.out,
         detector=DetectorSpec(a.detector, a.weights, a.min_size, a.max_size, a.seed),
-        policy=BoxPolicy(policy, a.nms_thresh, a.conf_thresh, lo, hi),
+        policy=(BUTDPolicy if a.detector == BUTD else BoxPolicy)(policy, a.nms_thresh, a.conf_thresh, lo, hi),
         image_root=a.image_root, path_column=a.path_column, id_column=a.id_column,
         allow_outside_root=a.allow_outside_root, boxes_file=a.boxes_file, num_shards=a.num_shards,
         shard_index=a.shard_index, batch_size=a.batch_size, workers=a.workers, device=a.device, amp=a.amp,

@@ -19,6 +19,8 @@ BUILDERS = {
     "mobilenet_v3_large_320_fpn": (detection.fasterrcnn_mobilenet_v3_large_320_fpn,
                                    detection.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights),
 }
+BUTD = "butd_r101_vg"  # bottom-up-attention's Visual Genome R101-C4 (extract/butd.py), from its published .pkl
+DETECTORS = [*BUILDERS, BUTD]
 
 
 @dataclass
@@ -55,6 +57,10 @@ def build_detector(spec: DetectorSpec, **overrides) -> tuple[torch.nn.Module, li
     """The model in eval mode, its class names (background first), and what to record about it.
 
     overrides go to the torchvision builder (e.g. box_score_thresh, box_nms_thresh, rpn settings)."""
+    if spec.arch == BUTD:
+        from .butd import build_butd  # not a torchvision builder: its own network, weights file and vocabularies
+
+        return build_butd(spec)
     if spec.arch not in BUILDERS:
         raise ValueError(f"unknown detector {spec.arch!r}; choose one of {', '.join(BUILDERS)}")
     builder, enum = BUILDERS[spec.arch]

@@ -103,7 +103,8 @@ class ImageDataset(Dataset):
                 check_boxes(self.boxes[item.id], w, h)
                 out["boxes"] = torch.from_numpy(self.boxes[item.id])
             with torch.no_grad():
-                out["image"] = preprocess(self.transform, to_tensor(rgb))
+                prepare = getattr(self.transform, "prepare", None)  # butd_r101_vg: BGR uint8, PIL resize
+                out["image"] = prepare(rgb) if prepare else preprocess(self.transform, to_tensor(rgb))
             out["size"] = (h, w)
         except ImageError as e:
             out["error"] = str(e)
@@ -189,12 +190,13 @@ def run(cfg: ExtractConfig) -> Summary:
     device = resolve_device(cfg.device)
     model, class_names, info = build_detector(cfg.detector)
     model.to(device)
-    extractor = RegionExtractor(model, cfg.policy)
-    settings = {"name": "regionbert.extract", **info, **cfg.policy.describe(model),
-                "amp": cfg.amp if device.type == "cuda" else "none",
+    own = getattr(model, "region_extractor", None)  # butd_r101_vg brings its own (extract/butd.py)
+    extractor = own(cfg.policy) if own else RegionExtractor(model, cfg.policy)
+    amp = cfg.amp if device.type == "cuda" and not (own and cfg.amp == "auto") else "none"  # butd: exact fp32
+    settings = {"name": "regionbert.extract", **info, **cfg.policy.describe(model), "amp": amp,
                 "job": {"shard_index": shard_index, "num_shards": num_shards, "host": socket.gethostname(),
                         "images": os.path.abspath(cfg.images), "device": str(device)}}
-    feature_dim = _box_feature_dim(model)
+    feature_dim = getattr(model, "feature_dim", None) or _box_feature_dim(model)
 
     os.makedirs(cfg.out, exist_ok=True)
     failures_path = shard + ".failures.jsonl"
@@ -206,7 +208,8 @@ def run(cfg: ExtractConfig) -> Summary:
             failures.append({"id": item.id, "path": item.path, "reason": reason})
 
     writer = ShardWriter(shard, feature_dim=feature_dim, class_names=class_names, feature_dtype=cfg.feature_dtype,
-                         extractor=settings, commit_every=cfg.commit_every, append=cfg.append)
+                         attribute_names=getattr(model, "attribute_names", None), extractor=settings,
+                         commit_every=cfg.commit_every, append=cfg.append)
     thread, ok, start = None, False, time.perf_counter()
     try:
         todo = []
@@ -236,7 +239,7 @@ def run(cfg: ExtractConfig) -> Summary:
                 if good:
                     images = [b["image"].to(device, non_blocking=True) for b in good]
                     given = [b["boxes"] for b in good] if boxes is not None else None
-                    with autocast_for(device, cfg.amp):
+                    with autocast_for(device, amp):
                         results = extractor(images, [b["size"] for b in good], given)
                     for b, r in zip(good, results, strict=True):
                         h, w = b["size"]
@@ -245,7 +248,8 @@ def run(cfg: ExtractConfig) -> Summary:
                         thread.queue.put((ImageItem(b["id"], b["path"]), {
                             "width": w, "height": h, "boxes": boxes_px,
                             "features": r["features"].float().cpu().numpy(),
-                            "class_probs": r["class_probs"].float().cpu().numpy()}))
+                            "class_probs": r["class_probs"].float().cpu().numpy(),
+                            "attr_probs": r["attr_probs"].float().cpu().numpy() if "attr_probs" in r else None}))
                 if thread.error is not None:
                     raise thread.error
                 bar.update(len(batch))
