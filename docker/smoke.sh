@@ -8,7 +8,8 @@
 #   verify + pretrain on it (uid 10001) into /runs -> the quickstart inside the train image,
 # plus an extract image with local detector weights baked in (--build-arg WEIGHTS=<file from the context>).
 # Prints PASS/FAIL per step with timings; exits 1 if any step failed. Idempotent: the base image is built once
-# and reused (SMOKE_REBUILD_BASE=1 to rebuild it); every run starts from fresh volumes.
+# and reused (SMOKE_REBUILD_BASE=1 to rebuild it: needed when pyproject.toml gains a dependency, since the base's
+# /wheels is what the Dockerfile's offline `pip install .` finds); every run starts from fresh volumes.
 # Not part of CI: the base image takes 6 GB (torch with its CUDA libraries) and the first run needs about 25 GB free
 # while it is made, and 15 minutes; later runs about 12 minutes on a busy 2-core machine.
 #
