@@ -66,3 +66,27 @@ def test_scale_out_recipes_parse():
     spec = yaml.safe_load(job)["spec"]
     args = spec["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--num-shards") + 1] == str(spec["completions"])
+
+
+def test_smoke_script_parses_and_is_shellcheck_clean():
+    """docker/smoke.sh (builds and runs both images; not run in CI: gigabytes and minutes) stays valid bash."""
+    smoke = ROOT / "docker" / "smoke.sh"
+    r = subprocess.run(["bash", "-n", str(smoke)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is not None:
+        r = subprocess.run([shellcheck, str(smoke)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    # the script builds this Dockerfile with only BASE (and the weights check's DETECTOR/WEIGHTS) overridden
+    text = smoke.read_text()
+    assert "docker/Dockerfile" in text and "--build-arg BASE=" in text
+    build_args = set(re.findall(r"--build-arg (\w+)=", text))
+    declared = {a.split("=")[0] for a in _instructions("ARG")}
+    assert build_args <= declared, f"smoke.sh sets build args the Dockerfile does not declare: {build_args - declared}"
+
+
+def test_weights_folder_is_copied_into_the_extract_image():
+    """A local checkpoint in docker/weights/ can be baked in with --build-arg WEIGHTS=/opt/regionbert/weights/F."""
+    assert (ROOT / "docker" / "weights" / "README.md").exists()
+    assert any(c.split()[0].rstrip("/") == "docker/weights" for c in _instructions("COPY"))
+    assert any("REGIONBERT_WEIGHTS=${WEIGHTS:-DEFAULT}" in e for e in _instructions("ENV"))
