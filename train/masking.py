@@ -7,6 +7,12 @@
 - Which modality a task masks: `conditional` (UNITER, the default) masks only the one the task
   reconstructs, so the other is intact and can explain it; `joint` masks both at random, for
   ablations (then the word "dog" and the dog's regions may be hidden together).
+
+Every sample draws from its own generator (seeded by its dataset key), so its masks do not depend on
+the batch it is in or on the number of loader workers. The batch functions (`TextMasker.batch`,
+`mask_regions_batch`) take one generator per sample and draw from each exactly what the per-sample
+functions draw, in the same order, so they give the same masks; the arithmetic on the draws runs once
+over the padded batch instead of once per sample.
 """
 
 from __future__ import annotations
@@ -42,12 +48,50 @@ class TextMasker:
         inputs[rand] = rng.choice(self.random_ids, size=int(rand.sum()))
         return inputs, labels  # the remaining 10% of chosen words stay unchanged
 
+    def batch(self, seqs: list[np.ndarray], rngs: list[np.random.Generator]) -> tuple[np.ndarray, np.ndarray]:
+        """B sequences (L_b,) and one generator each -> (inputs (B, L), labels (B, L)) padded to the longest
+        with 0 / IGNORE; row b equals self(seqs[b], rngs[b]) on its first L_b positions."""
+        lens = np.fromiter(map(len, seqs), np.int64, len(seqs))
+        valid = np.arange(int(lens.max(initial=0)))[None] < lens[:, None]  # (B, L)
+        ids = np.zeros(valid.shape, np.int64)
+        ids[valid] = np.concatenate(seqs) if seqs else []
+        eligible = valid & ~np.isin(ids, list(self.special_ids))
+        u = np.ones(valid.shape)  # padding draws nothing and is never chosen
+        for row, rng, n in zip(u, rngs, lens.tolist(), strict=True):
+            rng.random(out=row[:n])
+        chosen = eligible & (u < self.prob)
+        for b in np.flatnonzero(eligible.any(1) & ~chosen.any(1)).tolist():  # at least one per sample
+            chosen[b, rngs[b].choice(np.flatnonzero(eligible[b]))] = True
+        labels = np.where(chosen, ids, IGNORE)
+        for row, rng, n in zip(u, rngs, lens.tolist(), strict=True):
+            rng.random(out=row[:n])
+        inputs = ids.copy()
+        inputs[chosen & (u < 0.8)] = self.mask_id
+        rand = chosen & (u >= 0.8) & (u < 0.9)
+        counts = rand.sum(1)
+        for b in np.flatnonzero(counts).tolist():
+            inputs[b, rand[b]] = rngs[b].choice(self.random_ids, size=int(counts[b]))
+        return inputs, labels
+
 
 def mask_regions(n: int, rng: np.random.Generator, prob: float = 0.15) -> np.ndarray:
     """(n,) bool: which of n regions to hide; at least one when n > 0."""
     chosen = rng.random(n) < prob
     if n and not chosen.any():
         chosen[rng.integers(n)] = True
+    return chosen
+
+
+def mask_regions_batch(lens: np.ndarray, rngs: list[np.random.Generator], prob: float = 0.15) -> np.ndarray:
+    """(B, N) bool for B samples of lens[b] regions (N = the most): row b equals mask_regions(lens[b],
+    rngs[b], prob) on its first lens[b] positions, False beyond."""
+    lens = np.asarray(lens, np.int64)
+    u = np.ones((len(lens), int(lens.max(initial=0))))
+    for row, rng, n in zip(u, rngs, lens.tolist(), strict=True):
+        rng.random(out=row[:n])
+    chosen = u < prob
+    for b in np.flatnonzero((lens > 0) & ~chosen.any(1)).tolist():
+        chosen[b, rngs[b].integers(lens[b])] = True
     return chosen
 
 
