@@ -27,7 +27,7 @@ import torch
 
 from regionbert.data import ShardSet
 
-from .masking import IGNORE, REGION_TASKS, TextMasker, mask_regions_batch, modalities
+from .masking import IGNORE, REGION_TASKS, Generators, TextMasker, mask_regions_batch, modalities
 from .text import Text, read_manifest
 
 
@@ -79,6 +79,7 @@ class PairDataset(torch.utils.data.Dataset):
         else:
             self.num_classes = len(shards.meta["class_names"])
         self._modes = {}  # task -> (mask text?, mask regions?)
+        self._generators = Generators()  # per-sample generators, as np.random.default_rng(seed) makes them
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -97,7 +98,7 @@ class PairDataset(torch.utils.data.Dataset):
         """The samples of a batch of keys. Arrays of a record are read-only views of the shard (the
         collate copies them once, into the batch); masks and masked tokens are the sample's own."""
         pairs, shards, cap, loc7 = self.pairs, self.shards, self.max_regions, self.loc_dim == 7
-        samples, text_rows, region_rows = [], [], []
+        samples, text_rows, region_rows, seeds, masked = [], [], [], [], []
         for j, (task, p, other, seed) in enumerate(keys):
             image = int(pairs.image[p]) if other < 0 else int(other)
             rec = shards[int(pairs.pool[image])]
@@ -115,11 +116,14 @@ class PairDataset(torch.utils.data.Dataset):
                             "class_probs": probs, "itm_label": int(other < 0), "pair": p, "image": image,
                             "id": rec.id})
             if modes[0] or modes[1]:
-                samples[-1]["rng"] = np.random.default_rng(seed)  # text draws first, then regions
+                seeds.append(seed)
+                masked.append(j)
             if modes[0]:
                 text_rows.append(j)
             if modes[1]:
                 region_rows.append(j)
+        for j, rng in zip(masked, self._generators(seeds), strict=True):
+            samples[j]["rng"] = rng  # each sample's own draws: text first, then regions
         if text_rows:
             inputs, labels = self.masker.batch([samples[j]["input_ids"] for j in text_rows],
                                                [samples[j]["rng"] for j in text_rows])
