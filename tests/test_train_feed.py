@@ -106,16 +106,20 @@ def test_reused_host_buffers_never_change_a_batch_still_held(data):
     assert len(ptrs) == len(held)
     del held, again, batch
     pool = HostBuffers(slots=2)
-    a = pool.take((4, 5, 6), np.float16)
-    b = pool.take((4, 5, 6), np.float16)
-    assert a.data_ptr() != b.data_ptr() and len(pool.slots) == 2
+    a = pool.take("f", (4, 5, 6), np.float16)
+    b = pool.take("f", (4, 5, 6), np.float16)
+    assert a.data_ptr() != b.data_ptr() and len(pool.slots["f"]) == 2
     view = a[1:]
     del a
-    c = pool.take((2, 3), np.float32)  # a's buffer is still referenced through its view
+    c = pool.take("f", (2, 3), np.float32)  # a's buffer is still referenced through its view; no slot is free
     assert c.data_ptr() not in (view.data_ptr() - view.storage_offset() * 2, b.data_ptr())
-    del view, b
-    d = pool.take((8, 8, 8), np.float16)  # free again, grown to fit
-    assert d.shape == (8, 8, 8) and d.dtype == torch.float16 and pool.slots[0].nbytes >= d.numel() * 2
+    assert len(pool.slots["f"]) == 2 and pool.take("g", (2,), np.float16).data_ptr() != c.data_ptr()
+    del view, b, c
+    d = pool.take("f", (8, 8, 8), np.float16)  # free again, grown to fit
+    assert d.shape == (8, 8, 8) and d.dtype == torch.float16 and pool.slots["f"][0].nbytes >= d.numel() * 2
+    del d
+    e = pool.take("f", (2, 2), np.float16)  # reused without a new allocation
+    assert e.data_ptr() == pool.slots["f"][0].ctypes.data
 
 
 def test_worker_processes_give_the_same_batches_in_shared_memory(data):

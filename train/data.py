@@ -148,23 +148,24 @@ class HostBuffers:
     """Host memory for batch tensors. A fresh 50 MB buffer per batch costs the kernel a page fault and
     a zeroed page every 4 KB, as much time as the copy into it; so in the main process a buffer is
     reused once nothing refers to it any more (no tensor of an earlier batch is alive: each keeps its
-    numpy view, and so the buffer, referenced). In a DataLoader worker the batch is allocated in shared
+    numpy view, and so the buffer, referenced). Each field (features, ...) has its own buffers, so a
+    buffer keeps its size from batch to batch. In a DataLoader worker the batch is allocated in shared
     memory instead, where the main process receives it without a copy."""
 
-    def __init__(self, slots: int = 8):
-        self.slots: list[np.ndarray] = []  # flat uint8 buffers
+    def __init__(self, slots: int = 4):
+        self.slots: dict[str, list[np.ndarray]] = {}  # field -> flat uint8 buffers
         self.max_slots = slots
         probe = [np.empty(1, np.uint8)]
-        self._free_refs = sys.getrefcount(probe[0])  # the count of a buffer only this list holds
+        self._free_refs = sys.getrefcount(probe[0])  # the count of a buffer only its list holds
 
-    def take(self, shape: tuple, dtype) -> torch.Tensor:
-        """An uninitialised tensor of shape and (numpy) dtype."""
+    def take(self, field: str, shape: tuple, dtype) -> torch.Tensor:
+        """An uninitialised tensor of shape and (numpy) dtype, for one field of a batch."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
         if torch.utils.data.get_worker_info() is not None:
             storage = torch.UntypedStorage._new_shared(nbytes)
             return torch.empty(0, dtype=TORCH_DTYPES[dtype]).set_(storage).view(shape)
-        slots = self.slots
+        slots = self.slots.setdefault(field, [])
         for i in range(len(slots)):
             if sys.getrefcount(slots[i]) <= self._free_refs:
                 if slots[i].nbytes < nbytes:
@@ -200,12 +201,13 @@ def collate(samples: list[dict]) -> dict:
     first = samples[0]
     regions = {}
     for k in ("features", "locations", "class_probs"):  # (B, N, width) each, copied once from the records
-        buf = _BUFFERS.take((B, N, first[k].shape[1]), first[k].dtype)
+        buf = _BUFFERS.take(k, (B, N, first[k].shape[1]), first[k].dtype)
         a = buf.numpy()
         for b, s in enumerate(samples):
             n = len(s[k])
             a[b, :n] = s[k]
-            a[b, n:] = 0
+            if n < N:
+                a[b, n:] = 0
         regions[k] = buf
     lens = text_lens + region_lens
     tokens = int(lens.sum())
