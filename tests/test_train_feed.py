@@ -100,11 +100,15 @@ def test_reused_host_buffers_never_change_a_batch_still_held(data):
     keys = list(itertools.islice(iter(loader.batch_sampler), 12))
     held = [b for b, _ in zip(loader, range(12), strict=False)]  # all alive at once: no buffer may be shared
     for batch, k in zip(held, keys, strict=True):
-        again = collate(ds.__getitems__(k))
+        samples = ds.__getitems__(k)
+        again = collate(samples)  # the records were copied into the batch as they were read: taken as they are
+        assert again["features"] is samples[0]["_rows"][0]["features"]
+        copied = collate([{**s, "_rows": None} for s in samples])  # the general path copies
+        assert all(torch.equal(copied[n], again[n]) for n in ("features", "locations", "class_probs"))
         assert all(torch.equal(batch[n], again[n]) for n in ("features", "locations", "class_probs", "region_mask"))
     ptrs = {b["features"].data_ptr() for b in held}
     assert len(ptrs) == len(held)
-    del held, again, batch
+    del held, again, batch, samples, copied
     pool = HostBuffers(slots=2)
     a = pool.take("f", (4, 5, 6), np.float16)
     b = pool.take("f", (4, 5, 6), np.float16)

@@ -95,26 +95,42 @@ class PairDataset(torch.utils.data.Dataset):
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: list[tuple]) -> list[dict]:
-        """The samples of a batch of keys. Arrays of a record are read-only views of the shard (the
-        collate copies them once, into the batch); masks and masked tokens are the sample's own."""
+        """The samples of a batch of keys, their region arrays already in place in the batch's buffers:
+        each record is copied into row j of (B, N, width) buffers right after it is read (and its
+        checksum computed), while it is still in the CPU's cache; collate then takes the buffers as
+        they are. A sample's features etc. are (n, width) views of its row; masks and masked tokens
+        are its own."""
         pairs, shards, cap, loc7 = self.pairs, self.shards, self.max_regions, self.loc_dim == 7
+        images = [int(pairs.image[p]) if other < 0 else int(other) for _, p, other, _ in keys]
+        B, N = len(keys), int(pairs.num_boxes[images].max(initial=0))  # num_boxes: already capped
+        meta = shards.meta
+        widths = {"features": (meta["feature_dim"], np.dtype(meta["feature_dtype"])),
+                  "locations": (self.loc_dim, np.dtype(np.float32)),
+                  "class_probs": (self.num_classes, np.dtype(np.float16))}
+        buffers = {k: _BUFFERS.take(k, (B, N, w), dt) for k, (w, dt) in widths.items()}  # tensors
+        feats, locs, probs_buf = (buffers[k].numpy() for k in widths)
         samples, text_rows, region_rows, seeds, masked = [], [], [], [], []
-        for j, (task, p, other, seed) in enumerate(keys):
-            image = int(pairs.image[p]) if other < 0 else int(other)
+        for j, ((task, p, other, seed), image) in enumerate(zip(keys, images, strict=True)):
             rec = shards[int(pairs.pool[image])]
             n = min(rec.num_boxes, cap)
+            if n > N:
+                raise ValueError(f"record {rec.id!r} has {n} boxes, more than the {N} it had when the run started")
             modes = self._modes.get(task) or self._modes.setdefault(task, modalities(task, self.masking))
+            feats[j, :n] = rec.features[:n]
+            locs[j, :n] = (rec.loc7 if loc7 else rec.loc5)[:n]
             if rec.class_probs is not None:
-                probs = rec.class_probs[:n]
+                probs_buf[j, :n] = rec.class_probs[:n]
             elif task in REGION_TASKS[1:]:
                 raise ValueError(f"task {task} needs class distributions but record {rec.id!r} has none")
             else:
-                probs = np.zeros((n, 0), dtype=np.float16)
+                probs_buf[j, :n] = 0
+            if n < N:  # padding: zeros (the buffers are reused)
+                feats[j, n:], locs[j, n:], probs_buf[j, n:] = 0, 0, 0
             ids = pairs.tokens[p]
             samples.append({"task": task, "input_ids": ids, "mlm_labels": None, "region_mask": None,
-                            "features": rec.features[:n], "locations": (rec.loc7 if loc7 else rec.loc5)[:n],
-                            "class_probs": probs, "itm_label": int(other < 0), "pair": p, "image": image,
-                            "id": rec.id})
+                            "features": feats[j, :n], "locations": locs[j, :n], "class_probs": probs_buf[j, :n],
+                            "itm_label": int(other < 0), "pair": p, "image": image, "id": rec.id,
+                            "_rows": (buffers, j)})
             if modes[0] or modes[1]:
                 seeds.append(seed)
                 masked.append(j)
@@ -199,8 +215,11 @@ def collate(samples: list[dict]) -> dict:
     region_lens = np.fromiter((len(s["features"]) for s in samples), np.int64, B)
     L, N = int(text_lens.max()), int(region_lens.max())
     first = samples[0]
-    regions = {}
-    for k in ("features", "locations", "class_probs"):  # (B, N, width) each, copied once from the records
+    rows = [s.get("_rows") for s in samples]
+    filled = rows[0] and rows[0][0]["features"].shape[:2] == (B, N) and \
+        all(r is not None and r[0] is rows[0][0] and r[1] == b for b, r in enumerate(rows))
+    regions = rows[0][0] if filled else {}  # the batch's buffers as PairDataset filled them, or:
+    for k in () if filled else ("features", "locations", "class_probs"):  # (B, N, width) each, copied
         buf = _BUFFERS.take(k, (B, N, first[k].shape[1]), first[k].dtype)
         a = buf.numpy()
         for b, s in enumerate(samples):
