@@ -104,6 +104,8 @@ def test_reused_host_buffers_never_change_a_batch_still_held(data):
         again = collate(samples)  # the records were copied into the batch as they were read: taken as they are
         assert again["features"] is samples[0]["_rows"][0]["features"]
         copied = collate([{**s, "_rows": None} for s in samples])  # the general path copies
+        edited = collate([{**s, "features": s["features"] + 1} for s in samples])  # an edit is not ignored
+        assert torch.equal(edited["features"][0, :1], again["features"][0, :1] + 1)
         assert all(torch.equal(copied[n], again[n]) for n in ("features", "locations", "class_probs"))
         assert all(torch.equal(batch[n], again[n]) for n in ("features", "locations", "class_probs", "region_mask"))
     ptrs = {b["features"].data_ptr() for b in held}

@@ -4,7 +4,7 @@
     tasks/          one module per objective: mlm, mrfr, mrc, mrc_kl, itm_wra (+ ot.py: IPOT)
     masking.py      what each task hides; conditional or joint masking
     text.py         WordPiece tokenization, caption manifests
-    data.py         pairs, token-bucket sampler, task sampler, collate
+    data.py         pairs, token-bucket sampler, task sampler, batch reading + masking, collate, DeviceFeed
     loop.py         the training loop (mixed precision, non-finite loss stop); optim.py its helper
     checkpoint.py   atomic checkpoints with optimizer, scaler, RNG states and the data position
     distributed.py  torchrun: ranks, devices, the few collectives; DDP is set up in run.py

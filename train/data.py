@@ -126,11 +126,11 @@ class PairDataset(torch.utils.data.Dataset):
                 probs_buf[j, :n] = 0
             if n < N:  # padding: zeros (the buffers are reused)
                 feats[j, n:], locs[j, n:], probs_buf[j, n:] = 0, 0, 0
-            ids = pairs.tokens[p]
-            samples.append({"task": task, "input_ids": ids, "mlm_labels": None, "region_mask": None,
-                            "features": feats[j, :n], "locations": locs[j, :n], "class_probs": probs_buf[j, :n],
+            views = (feats[j, :n], locs[j, :n], probs_buf[j, :n])
+            samples.append({"task": task, "input_ids": pairs.tokens[p], "mlm_labels": None, "region_mask": None,
+                            "features": views[0], "locations": views[1], "class_probs": views[2],
                             "itm_label": int(other < 0), "pair": p, "image": image, "id": rec.id,
-                            "_rows": (buffers, j)})
+                            "_rows": (buffers, j, views)})  # where its regions are: collate checks it
             if modes[0] or modes[1]:
                 seeds.append(seed)
                 masked.append(j)
@@ -216,8 +216,9 @@ def collate(samples: list[dict]) -> dict:
     L, N = int(text_lens.max()), int(region_lens.max())
     first = samples[0]
     rows = [s.get("_rows") for s in samples]
-    filled = rows[0] and rows[0][0]["features"].shape[:2] == (B, N) and \
-        all(r is not None and r[0] is rows[0][0] and r[1] == b for b, r in enumerate(rows))
+    filled = rows[0] and rows[0][0]["features"].shape[:2] == (B, N) and all(  # rows 0..B-1 of one batch, unedited
+        r is not None and r[0] is rows[0][0] and r[1] == b and r[2][0] is s["features"] and r[2][1] is s["locations"]
+        and r[2][2] is s["class_probs"] for b, (r, s) in enumerate(zip(rows, samples, strict=True)))
     regions = rows[0][0] if filled else {}  # the batch's buffers as PairDataset filled them, or:
     for k in () if filled else ("features", "locations", "class_probs"):  # (B, N, width) each, copied
         buf = _BUFFERS.take(k, (B, N, first[k].shape[1]), first[k].dtype)
