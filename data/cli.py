@@ -26,7 +26,7 @@ def _histogram(counts: dict[int, int], bucket: int = 10, width: int = 40) -> lis
 
 
 def cmd_inspect(args) -> int:
-    for path in resolve_sources(args.shards)[0]:
+    for path in resolve_sources(args.shards, args.allow_outside)[0]:
         s = summarize(path)
         if args.json:
             print(json.dumps(s, indent=1))
@@ -51,21 +51,21 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _indexed(sources) -> dict:
+def _indexed(sources, allow_outside: bool) -> dict:
     """{shard path: its index entry} for the sources that are index files."""
     from .index import load_index
 
     out = {}
     for src in sources:
         if os.path.isfile(src):
-            out.update({os.path.abspath(e["path"]): e for e in load_index(src)["shards"]})
+            out.update({os.path.abspath(e["path"]): e for e in load_index(src, allow_outside)["shards"]})
     return out
 
 
 def cmd_verify(args) -> int:
     failed = 0
-    indexed = _indexed(args.shards)
-    for path in resolve_sources(args.shards)[0]:
+    indexed = _indexed(args.shards, args.allow_outside)
+    for path in resolve_sources(args.shards, args.allow_outside)[0]:
         try:
             total = _handle(os.path.abspath(path)).count
         except ShardError:
@@ -89,9 +89,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_index(args) -> int:
-    paths, _ = resolve_sources(args.shards)
+    paths, _ = resolve_sources(args.shards, args.allow_outside)
     with tqdm(total=len(paths), desc="index", unit="shard", disable=args.quiet, leave=False) as bar:
-        index = build_index(paths, args.out, force=args.force, progress=bar.update)
+        index = build_index(paths, args.out, force=args.force, progress=bar.update,
+                            allow_outside=args.allow_outside)
     print(f"wrote {args.out}: {len(index['shards'])} shards, {index['total']} records")
     return 0
 
@@ -131,7 +132,12 @@ def cmd_import(args) -> int:
 def cmd_export(args) -> int:
     from .convert import export
 
-    n = export(args.shards, args.out, args.to, max_boxes=args.max_boxes, progress=not args.quiet)
+    source = args.shards
+    if args.allow_outside:  # checked here (counts, hashes), then handed on as plain shard paths
+        from .reader import ShardSet
+
+        source = [s.path for s in ShardSet(args.shards, check_settings=False, allow_outside=True).shards]
+    n = export(source, args.out, args.to, max_boxes=args.max_boxes, progress=not args.quiet)
     print(f"wrote {args.out}: {n} records as {args.to}")
     return 0
 
@@ -149,7 +155,7 @@ def cmd_show(args) -> int:
     from .reader import ShardSet
     from .show import draw_record, find_image
 
-    shards = ShardSet(args.shards, check_settings=False)
+    shards = ShardSet(args.shards, check_settings=False, allow_outside=args.allow_outside)
     if args.id is not None:
         shard = next((s for s in shards.shards if args.id in s), None)
         if shard is None:
@@ -181,6 +187,12 @@ def cmd_copy(args) -> int:
     return 0
 
 
+def _allow_outside(parser) -> None:
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="accept index entries (shard paths) outside the index file's folder: absolute, "
+                             "climbing out with '..', or through a symlink (refused by default)")
+
+
 def _add_publish_commands(sub) -> None:
     s = sub.add_parser("show", help="draw a record's image with its stored boxes and top class labels (PNG)")
     s.add_argument("shards", help="a shard, a folder of shards or an index file")
@@ -192,6 +204,7 @@ def _add_publish_commands(sub) -> None:
                                    "the extractor read, as the shard records it)")
     s.add_argument("--root", help="folder the image ids are relative to")
     s.add_argument("--top", type=int, default=20, help="draw this many boxes, best first")
+    _allow_outside(s)
     s.set_defaults(fn=cmd_show)
 
     s = sub.add_parser("copy", help="publish a shard: a compacting copy, checked by content hash")
@@ -229,6 +242,7 @@ def _add_convert_commands(sub) -> None:
     s.add_argument("-o", "--out", required=True, help="file to write (a folder for uniter_npz)")
     s.add_argument("--to", choices=EXPORT_FORMATS, required=True)
     s.add_argument("--max-boxes", type=int, help="padded_hdf5: pad to this many boxes (default: the largest record)")
+    _allow_outside(s)
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_export)
 
@@ -251,17 +265,20 @@ def main(argv=None) -> int:
     s = sub.add_parser("inspect", help="counts, dims, classes, box-count histogram, extractor settings")
     s.add_argument("shards", nargs="+", help="shard folders, folders of shards, or index files")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _allow_outside(s)
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("verify", help="decode every record and check its checksum; non-zero exit if any is bad")
     s.add_argument("shards", nargs="+")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _allow_outside(s)
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("index", help="write a JSON index over many shards (paths, counts, hashes, settings)")
     s.add_argument("shards", nargs="+")
     s.add_argument("-o", "--out", required=True, help="index file to write (e.g. shards/index.json)")
     s.add_argument("--force", action="store_true", help="index shards with differing settings or incomplete")
+    _allow_outside(s)
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_index)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import struct
+from datetime import UTC, datetime
 
 import numpy as np
 import xxhash
@@ -24,6 +25,10 @@ RECORD_VERSION = 1
 SCHEMA_VERSION = 1
 FORMAT_NAME = "regionbert-shard"
 MAX_KEY_BYTES = 511  # LMDB's default compile-time limit
+
+# The container (spec section 1): three named LMDB databases, and the two keys of `meta`.
+DB_RECORDS, DB_ORDER, DB_META = b"records", b"order", b"meta"
+META_SHARD, META_STATE = b"shard", b"state"
 
 # magic, version, header_size, width, height, N, D, C, A, feature dtype, flags, reserved, extra_len, reserved
 _HEADER = struct.Struct("<4sHHIIIIIIBBHIQ")
@@ -95,10 +100,69 @@ class Record:
                 f"features={self.features.shape[1]}x{self.features.dtype})")
 
 
+def order_key(index: int) -> bytes:
+    """The `order` key of record position i: uint64 big-endian, so LMDB's byte order is insertion order."""
+    return struct.pack(">Q", index)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def comparable_settings(meta: dict) -> dict:
+    """What must agree between shards that are read or indexed together (spec section 4: the index's
+    `settings`, the extractor without its `job`)."""
+    extractor = {k: v for k, v in (meta.get("extractor") or {}).items() if k != "job"}
+    keys = ("schema_version", "feature_dim", "feature_dtype", "class_names", "attribute_names")
+    return {**{k: meta.get(k) for k in keys}, "extractor": extractor}
+
+
+def settings_diff(a: dict, b: dict) -> list[str]:
+    """The settings (`extractor.<name>` for the extractor's members) in which two shards' metadata differ."""
+    a, b = comparable_settings(a), comparable_settings(b)
+    out = [k for k in a if k != "extractor" and a[k] != b[k]]
+    ea, eb = a["extractor"], b["extractor"]
+    out += [f"extractor.{k}" for k in sorted(set(ea) | set(eb)) if ea.get(k) != eb.get(k)]
+    return out
+
+
+def content_hasher(meta: dict):
+    """The content hash (spec section 4) started with the canonical JSON of the shard's settings."""
+    h = xxhash.xxh3_128()
+    h.update(json.dumps(comparable_settings(meta), sort_keys=True).encode())
+    return h
+
+
+def hash_entry(h, key: bytes, checksum: int) -> None:
+    """Add one `order` position to the content hash: key length (uint32), key, stored checksum (uint64)."""
+    h.update(struct.pack("<I", len(key)) + key + struct.pack("<Q", checksum))
+
+
+def content_hash_of(txn, records, order, meta: dict, where: str) -> str:
+    """The content hash of a shard seen through one LMDB transaction: the stored checksums, in order
+    (trusted here; `verify` recomputes them)."""
+    h = content_hasher(meta)
+    for i, (_, key) in enumerate(txn.cursor(db=order)):
+        key = bytes(key)
+        if not key:
+            raise ShardError(f"{where}: order table entry {i} is empty; the shard is damaged")
+        value = txn.get(key, db=records)
+        if value is None:
+            raise ShardError(f"{where}: order table names {key!r}, which has no record")
+        hash_entry(h, key, stored_checksum(value))
+    return "xxh3_128:" + h.hexdigest()
+
+
 def encode_key(image_id: str) -> bytes:
     if not isinstance(image_id, str) or not image_id:
         raise ShardError(f"image id must be a non-empty str, got {image_id!r}")
-    key = image_id.encode("utf-8")
+    if "\0" in image_id:
+        raise ShardError(f"image id {image_id[:80]!r} contains a NUL character")
+    try:
+        key = image_id.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: e.g. a file name in another encoding, read by os.walk
+        raise ShardError(f"image id {image_id[:80]!r} is not valid Unicode (a file name that is not "
+                         "UTF-8?); rename the file or give ids in a manifest") from None
     if len(key) > MAX_KEY_BYTES:
         raise ShardError(
             f"image id {image_id[:60]!r}... is {len(key)} bytes in UTF-8; LMDB keys hold at most "
@@ -275,26 +339,70 @@ def encode_json(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+MAX_JSON_DEPTH = 32  # metadata nests a few levels; anything deeper is refused before it can recurse
+
+
+def _json_depth(obj) -> int:
+    """Nesting depth of parsed JSON, iteratively (a hostile document cannot exhaust the stack here)."""
+    depth, level = 0, [obj]
+    while depth <= MAX_JSON_DEPTH:  # stops one level past the limit: deeper is refused whatever its depth
+        level = [v for o in level if isinstance(o, (dict, list)) for v in (o.values() if isinstance(o, dict) else o)]
+        if not level:
+            break
+        depth += 1
+    return depth
+
+
+def _load_json_object(path: str, what: str, raw) -> dict:
+    try:
+        obj = json.loads(bytes(raw).decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ShardError(f"{path}: {what} is not valid UTF-8 JSON: {str(e)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise ShardError(f"{path}: {what} must be a JSON object, got {type(obj).__name__}")
+    if _json_depth(obj) > MAX_JSON_DEPTH:
+        raise ShardError(f"{path}: {what} nests deeper than {MAX_JSON_DEPTH} levels; refused")
+    return obj
+
+
 def decode_meta(path: str, raw) -> dict:
     """Parse and check the shard metadata; raises ShardError naming the shard."""
     if raw is None:
         raise ShardError(f"{path}: no shard metadata; not a regionbert shard (or written by a crashed "
                          "writer before its first commit)")
-    try:
-        meta = json.loads(bytes(raw).decode("utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise ShardError(f"{path}: shard metadata is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+    meta = _load_json_object(path, "shard metadata", raw)
+    if meta.get("format") != FORMAT_NAME:
         raise ShardError(f"{path}: metadata does not describe a {FORMAT_NAME}")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(f"{path}: schema version {meta.get('schema_version')!r}; this regionbert reads "
                          f"version {SCHEMA_VERSION}")
-    if not isinstance(meta.get("feature_dim"), int) or meta["feature_dim"] <= 0:
-        raise ShardError(f"{path}: bad feature_dim {meta.get('feature_dim')!r}")
+    dim = meta.get("feature_dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or not 0 < dim < 2**32:
+        raise ShardError(f"{path}: bad feature_dim {dim!r}")
     if meta.get("feature_dtype") not in FEATURE_DTYPE_CODES:
         raise ShardError(f"{path}: bad feature_dtype {meta.get('feature_dtype')!r}")
     for k in ("class_names", "attribute_names"):
         v = meta.get(k)
         if v is not None and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
             raise ShardError(f"{path}: {k} must be a list of strings or null")
+    if meta.get("extractor") is not None and not isinstance(meta["extractor"], dict):
+        raise ShardError(f"{path}: extractor must be a JSON object, got {type(meta['extractor']).__name__}")
+    job = (meta.get("extractor") or {}).get("job")
+    if job is not None and not isinstance(job, dict):
+        raise ShardError(f"{path}: extractor.job must be a JSON object, got {type(job).__name__}")
     return meta
+
+
+def decode_state(path: str, raw) -> dict:
+    """Parse and check the writer state ({} if there is none yet); raises ShardError naming the shard."""
+    if raw is None:
+        return {}
+    state = _load_json_object(path, "shard state", raw)
+    count, complete, digest = state.get("count"), state.get("complete"), state.get("content_hash")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        raise ShardError(f"{path}: shard state count must be a non-negative integer, got {count!r}")
+    if complete is not None and not isinstance(complete, bool):
+        raise ShardError(f"{path}: shard state complete must be true or false, got {complete!r}")
+    if digest is not None and not isinstance(digest, str):
+        raise ShardError(f"{path}: shard state content_hash must be a string, got {digest!r}")
+    return state

@@ -4,19 +4,35 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
-import xxhash
+import lmdb
 
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
-from .format import decode_record, peek_num_boxes, stored_checksum
-from .reader import ShardReader, _handle, resolve_sources
-from .writer import comparable_settings, now_iso, settings_diff
-
-INDEX_FORMAT = "regionbert-index"
-INDEX_VERSION = 1
+from .format import (
+    DB_META,
+    DB_ORDER,
+    DB_RECORDS,
+    META_STATE,
+    comparable_settings,
+    content_hash_of,
+    content_hasher,
+    decode_record,
+    decode_state,
+    encode_json,
+    hash_entry,
+    now_iso,
+    peek_num_boxes,
+    settings_diff,
+    stored_checksum,
+)
+from .handles import get_handle as _handle
+from .indexfile import INDEX_FORMAT, INDEX_VERSION, check_inside, load_index  # noqa: F401 - load_index: public API
+from .lock import WriterLock, check_not_written
+from .reader import ShardReader, resolve_sources
 
 
 @dataclass
@@ -33,31 +49,15 @@ class VerifyReport:
         return not self.bad and not self.problems
 
 
-def _hasher(meta: dict):
-    h = xxhash.xxh3_128()
-    h.update(json.dumps(comparable_settings(meta), sort_keys=True).encode())
-    return h
-
-
-def _hash_entry(h, key: bytes, checksum: int) -> None:
-    h.update(struct.pack("<I", len(key)) + key + struct.pack("<Q", checksum))
-
-
 def content_hash(path: str) -> str:
     """A hash of the shard's logical content (settings, then each key and record checksum in order).
 
     It ignores LMDB's page layout, so a compacting copy keeps it. It trusts the stored checksums;
-    `verify` recomputes them."""
+    `verify` recomputes them. A complete shard also stores it in its state (the writer does, at close),
+    which is what readers compare with an index."""
     h = _handle(os.path.abspath(path), refresh=True)
-    hasher = _hasher(h.meta)
     with h.snapshot() as (txn, records, order, _):
-        for _, key in txn.cursor(db=order):
-            key = bytes(key)
-            value = txn.get(key, db=records)
-            if value is None:
-                raise ShardError(f"{path}: order table names {key!r}, which has no record")
-            _hash_entry(hasher, key, stored_checksum(value))
-    return "xxh3_128:" + hasher.hexdigest()
+        return content_hash_of(txn, records, order, h.meta, path)
 
 
 def verify_shard(path: str, progress=None) -> VerifyReport:
@@ -70,7 +70,7 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
         report.problems.append(str(e))
         return report
     report.count = h.count
-    hasher = _hasher(h.meta)
+    hasher = content_hasher(h.meta)
     with h.snapshot() as (txn, records, order, _):
         n_records = txn.stat(records)["entries"]
         if n_records != h.count:
@@ -82,22 +82,29 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
             name = key.decode("utf-8", "replace")
             if bytes(pos) != struct.pack(">Q", i):
                 report.problems.append(f"order table entry {i} is out of sequence")
-            value = txn.get(key, db=records)
             report.checked += 1
             if progress:
                 progress(1)
+            if not key:
+                report.bad.append((f"#{i}", "order table entry is empty"))
+                continue
+            value = txn.get(key, db=records)
             if value is None:
                 report.bad.append((name, "listed in the order table but missing"))
                 continue
             try:
                 rec = decode_record(key, value, verify=True, expect=h.expect)
                 rec.extra  # noqa: B018 - parse it: verify checks every field
-                _hash_entry(hasher, key, stored_checksum(value))
+                hash_entry(hasher, key, stored_checksum(value))
             except CorruptRecordError as e:
                 report.bad.append((name, e.reason))
     if not h.complete:
         report.problems.append("incomplete: the writer did not finish (rerun the job to resume it)")
     report.content_hash = "xxh3_128:" + hasher.hexdigest()
+    stored = h.state.get("content_hash")
+    if stored is not None and not report.bad and stored != report.content_hash:
+        report.problems.append(f"the state's stored content hash {stored} is not the records' (what readers "
+                               "compare with an index); the shard was altered after its writer closed it")
     return report
 
 
@@ -123,34 +130,54 @@ def summarize(path: str) -> dict:
 
 def compact_copy(src: str, dst: str) -> str:
     """Publish a complete shard: a compacting copy (free pages dropped, pages in order) to dst, checked
-    by content hash. Written to dst + '.partial' and renamed, so dst is whole or absent."""
+    by content hash. Written to dst + '.partial' and renamed, so dst is whole or absent. The copy holds
+    dst's writer lock (a second copy to the same place is refused), refuses a source that is being
+    written, and carries the content hash in its state (stored there if the source predates that)."""
     src = os.path.abspath(src)
+    check_not_written(src)
     h = _handle(src, refresh=True)
     if not h.complete or h.env is None:
         raise ShardError(f"{src}: shard is incomplete (its writer did not finish); finish it before publishing")
-    if os.path.exists(dst):
-        raise ShardError(f"{dst}: already exists; copy to a new path")
-    tmp = dst.rstrip("/") + ".partial"
-    if os.path.exists(tmp):
-        import shutil
-
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    h.env.copy(tmp, compact=True)
-    expected, got = content_hash(src), content_hash(tmp)
-    if got != expected:
-        raise ShardError(f"{tmp}: copy's content hash {got} differs from the source's {expected}")
-    os.replace(tmp, dst)
+    with WriterLock(dst):
+        if os.path.exists(dst):
+            raise ShardError(f"{dst}: already exists; copy to a new path")
+        tmp = dst.rstrip("/") + ".partial"
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        h.env.copy(tmp, compact=True)
+        expected, got = content_hash(src), _copy_hash(tmp, h.meta)
+        if got != expected:
+            raise ShardError(f"{tmp}: copy's content hash {got} differs from the source's {expected}")
+        os.replace(tmp, dst)
     return got
+
+
+def _copy_hash(path: str, meta: dict) -> str:
+    """The content hash of a fresh copy (not yet read by anyone, so opened here for writing without LMDB's
+    lock file), stored into its state if missing there."""
+    env = lmdb.open(path, subdir=True, max_dbs=3, lock=False)
+    try:
+        records, order, meta_db = (env.open_db(n, create=False) for n in (DB_RECORDS, DB_ORDER, DB_META))
+        with env.begin(write=True, buffers=True) as txn:  # buffers: the hash reads 8 bytes a record, no copies
+            digest = content_hash_of(txn, records, order, meta, path)
+            state = decode_state(path, txn.get(META_STATE, db=meta_db))
+            if state.get("content_hash") != digest:
+                txn.put(META_STATE, encode_json({**state, "content_hash": digest}), db=meta_db)
+        env.sync(True)
+    finally:
+        env.close()
+    return digest
 
 
 # ---- the index: one JSON file over many shards -----------------------------------------------------
 
 
-def build_index(sources, out_path: str, force: bool = False, progress=None) -> dict:
+def build_index(sources, out_path: str, force: bool = False, progress=None, allow_outside: bool = False) -> dict:
     """Write a JSON index over shards; refuse shards whose settings differ, or that are incomplete,
-    unless force. Shard paths are stored relative to the index file, so a folder moves as a whole."""
-    paths, _ = resolve_sources(sources)
+    unless force. Shard paths are stored relative to the index file, so a folder moves as a whole; they
+    must lie inside the index's folder (readers refuse anything else) unless allow_outside."""
+    paths, _ = resolve_sources(sources, allow_outside)
     if not paths:
         raise ShardError(f"{sources}: no shards")
     out_dir = os.path.dirname(os.path.abspath(out_path))
@@ -167,8 +194,10 @@ def build_index(sources, out_path: str, force: bool = False, progress=None) -> d
         if not h.complete and not force:
             raise ShardError(f"{p}: shard is incomplete (its writer did not finish); finish the job or "
                              "use --force")
+        rel = os.path.relpath(p, out_dir)
+        check_inside(out_dir, rel, f"{out_path}: shard {p}", allow_outside)
         entries.append({
-            "path": os.path.relpath(p, out_dir),
+            "path": rel,
             "count": h.count,
             "complete": h.complete,
             "content_hash": content_hash(p),
@@ -192,26 +221,4 @@ def build_index(sources, out_path: str, force: bool = False, progress=None) -> d
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out_path)  # never a half-written index
-    return index
-
-
-def load_index(path: str) -> dict:
-    """Read an index; shard paths come back absolute."""
-    try:
-        with open(path) as f:
-            index = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ShardError(f"{path}: cannot read index: {e}") from None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ShardError(f"{path}: not a {INDEX_FORMAT} file")
-    if index.get("version") != INDEX_VERSION:
-        raise ShardError(f"{path}: index version {index.get('version')!r}, this regionbert reads {INDEX_VERSION}")
-    base = os.path.dirname(os.path.abspath(path))
-    shards = index.get("shards")
-    if not isinstance(shards, list):
-        raise ShardError(f"{path}: index has no list of shards")
-    for i, s in enumerate(shards):
-        if not (isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("count"), int)):
-            raise ShardError(f"{path}: shard entry {i} needs a string 'path' and an integer 'count'")
-        s["path"] = os.path.normpath(os.path.join(base, s["path"]))
     return index

@@ -1,154 +1,27 @@
 """ShardReader (one shard) and ShardSet (many shards as one sequence): lazy, read-only, fork-safe.
 
-A complete shard is immutable, so it is opened once per process without LMDB's lock file (nothing
-per-process is shared, so a forked DataLoader worker can keep using what it inherited; a spawned one
-opens its own on first use) and records decode into zero-copy numpy views of LMDB's memory map. The
-environment is never closed, so those views never dangle. Memory is the map's page cache, not Python
-objects: it stays flat however many records are read.
-
-An incomplete shard (its writer crashed, or is still running) may change under us: it is opened
-with locking for each read and its records are copied out. Slower, but correct while a writer runs.
+How a shard is opened is handles.py: a complete shard once per process, without LMDB's lock file (so it
+reads from a read-only mount, as any user who may read its files), and records decode into zero-copy
+numpy views of LMDB's memory map. Memory is the map's page cache, not Python objects: it stays flat
+however many records are read. An incomplete shard (its writer crashed, or is still running) is opened
+with locking for each read and its records are copied out: slower, but correct while a writer runs.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import operator
 import os
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-
-import lmdb
 
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
-from .format import FEATURE_DTYPE_CODES, Record, decode_meta, decode_record, encode_key
-from .writer import DB_META, DB_ORDER, DB_RECORDS, META_SHARD, META_STATE, order_key, settings_diff
+from .format import MAX_KEY_BYTES, Record, content_hash_of, decode_record, encode_key, order_key, settings_diff
+from .handles import Handle, get_handle, open_for_reading_here
+from .indexfile import load_index
 
-
-def _open_env(path: str, lock: bool):
-    try:
-        env = lmdb.open(path, subdir=True, readonly=True, lock=lock, readahead=False, max_dbs=3,
-                        max_readers=1024)
-    except lmdb.Error as e:
-        hint = (" (each shard read keeps one file open for the life of the process: raise `ulimit -n`, or use "
-                "fewer, larger shards)" if "Too many open files" in str(e) else "")
-        raise ShardError(f"{path}: cannot open shard: {e}{hint}") from None
-    try:
-        dbs = tuple(env.open_db(n, create=False) for n in (DB_RECORDS, DB_ORDER, DB_META))
-    except lmdb.Error:
-        env.close()
-        raise ShardError(f"{path}: not a regionbert shard (no records/order/meta tables)") from None
-    return env, dbs
-
-
-class _Handle:
-    """This process's view of one shard: metadata, count, and how to read it."""
-
-    def __init__(self, path: str):
-        if not os.path.isfile(os.path.join(path, "data.mdb")):
-            raise ShardError(f"{path}: not a shard (no data.mdb in this folder)")
-        self.path = path
-        self.env = None  # set for complete shards: the shared, lock-free, never-closed environment
-        self.gen = 0
-        self._local = threading.local()
-        self.reload()
-
-    def reload(self) -> None:
-        """(Re)read metadata, state and count; new reads see the newest committed data."""
-        self.signature = _signature(self.path)
-        with self.snapshot(buffers=False) as (txn, _, order, meta_db):
-            self.meta = decode_meta(self.path, txn.get(META_SHARD, db=meta_db))
-            state = txn.get(META_STATE, db=meta_db)
-            self.count = txn.stat(order)["entries"]
-        try:
-            self.state = json.loads(state) if state else {}
-        except ValueError:
-            raise ShardError(f"{self.path}: shard state is not valid JSON") from None
-        self.complete = bool(self.state.get("complete"))
-        names, attrs = self.meta["class_names"], self.meta["attribute_names"]
-        # (D, C, A, feature dtype code) that every record's header must carry
-        self.expect = (self.meta["feature_dim"], 0 if names is None else len(names), 0 if attrs is None else len(attrs),
-                       FEATURE_DTYPE_CODES[self.meta["feature_dtype"]])
-        if self.complete and self.env is None:
-            self.env, self.dbs = _open_env(self.path, lock=False)
-        self.gen += 1
-
-    @contextmanager
-    def snapshot(self, buffers: bool = True):
-        """A consistent read transaction and the (records, order, meta) tables, for scans."""
-        if self.env is not None:
-            with self._begin(buffers) as txn:
-                yield (txn, *self.dbs)
-            return
-        env, dbs = _open_env(self.path, lock=True)  # may be written right now: take a reader slot
-        try:
-            with env.begin(buffers=buffers) as txn:
-                yield (txn, *dbs)
-        finally:
-            env.close()
-
-    def _begin(self, buffers: bool):
-        try:
-            return self.env.begin(buffers=buffers)
-        except lmdb.MapResizedError:  # a writer grew the file since we mapped it
-            self.env.set_mapsize(0)
-            return self.env.begin(buffers=buffers)
-
-    def get(self, key: bytes, table: int):
-        """One value from records (0) or order (1): a view of the map, or owned bytes if incomplete."""
-        if self.env is None:
-            with self.snapshot(buffers=False) as tables:
-                return tables[0].get(key, db=tables[1 + table])
-        local = self._local
-        txn = local.__dict__.get("txn")
-        if txn is None or local.gen != self.gen:  # long-lived per thread: handed-out views stay valid
-            txn = local.txn = self._begin(True)
-            local.gen = self.gen
-        return txn.get(key, db=self.dbs[table])
-
-
-_HANDLES: dict[str, _Handle] = {}  # by path, and by file identity (LMDB allows one open per file)
-_HANDLES_LOCK = threading.Lock()
-
-
-def _signature(path: str) -> tuple:
-    try:
-        st = os.stat(os.path.join(path, "data.mdb"))
-    except OSError:
-        return ()
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _handle(path: str, refresh: bool = False) -> _Handle:
-    """This process's handle on a shard. refresh: catch up if the file changed since it was read."""
-    h = _HANDLES.get(path)
-    if h is None:
-        with _HANDLES_LOCK:
-            ident = _signature(path)[:2]
-            h = _HANDLES.get(path) or _HANDLES.get(ident)  # a moved or linked folder: same files
-            if h is None:
-                h = _Handle(path)
-            h.path = path
-            _HANDLES[path] = _HANDLES[ident] = h
-    elif refresh and h.signature != _signature(path):
-        with _HANDLES_LOCK:
-            sig = _signature(path)
-            if sig[:2] != h.signature[:2]:  # deleted and written anew: other files, a new environment
-                h = _HANDLES.get(sig[:2]) or _Handle(path)  # (the old one stays open for its views)
-                h.path = path
-                _HANDLES[path] = _HANDLES[sig[:2]] = h
-            else:
-                h.reload()
-    return h
-
-
-def open_for_reading_here(path: str) -> bool:
-    """Whether this process holds the shard's environment open (LMDB allows one per file)."""
-    h = _HANDLES.get(_signature(os.path.abspath(path))[:2])
-    return h is not None and h.env is not None
+_handle = get_handle  # the name other modules and benchmarks use
+__all__ = ["ShardReader", "ShardSet", "find_shards", "open_for_reading_here", "resolve_sources"]
 
 
 class ShardReader(Sequence):
@@ -164,10 +37,11 @@ class ShardReader(Sequence):
         self.verify, self.copy = verify, copy
         h = _handle(self.path, refresh=True)  # fail early on a bad path
         if not h.complete:
+            unlocked = " without LMDB's lock (none can be taken here: safe only while no writer runs)"
             warnings.warn(f"{self.path}: shard is incomplete (its writer did not finish); reading the "
-                          f"{h.count} committed records", stacklevel=2)
+                          f"{h.count} committed records{unlocked if h.lockless else ''}", stacklevel=2)
 
-    def _handle(self) -> _Handle:
+    def _handle(self) -> Handle:
         return _handle(self.path)  # opened lazily in each process (a spawned worker unpickles a path)
 
     @property
@@ -190,6 +64,9 @@ class ShardReader(Sequence):
         key = h.get(order_key(index), 1)
         if key is None:
             raise ShardError(f"{self.path}: order table has no entry {index}; the shard is damaged")
+        if not 0 < len(key) <= MAX_KEY_BYTES:
+            raise ShardError(f"{self.path}: order table entry {index} is {len(key)} bytes, not an id; the shard is "
+                             "damaged")
         return bytes(key)
 
     def __getitem__(self, index: int) -> Record:
@@ -197,21 +74,34 @@ class ShardReader(Sequence):
             index = operator.index(index)  # ints, numpy ints, 0-d tensors
         except TypeError:
             raise TypeError(f"ShardReader index must be an integer, got {type(index).__name__}; use .get(id)") from None
-        return self._read(self.key_at(index))
+        key = self.key_at(index)
+        try:
+            return self._read(key)
+        except KeyError:
+            raise ShardError(f"{self.path}: order table entry {index} names {_show(key)}, which has no record; "
+                             "the shard is damaged") from None
 
     def get(self, image_id: str) -> Record:
         return self._read(encode_key(image_id))
 
     def __contains__(self, image_id) -> bool:
         h = self._handle()
-        return isinstance(image_id, str) and h.get(encode_key(image_id), 0) is not None
+        try:
+            key = encode_key(image_id)
+        except ShardError:  # not a str, empty, NUL, not encodable: no shard holds it
+            return False
+        return h.get(key, 0) is not None
 
     def keys(self) -> Iterator[str]:
         """Image ids in insertion order."""
         h = self._handle()
         with h.snapshot(buffers=False) as (txn, _, order, _):
-            for _, key in txn.cursor(db=order):
-                yield key.decode("utf-8")
+            for i, (_, key) in enumerate(txn.cursor(db=order)):
+                try:
+                    yield key.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ShardError(f"{self.path}: order table entry {i}: id {_show(key)} is not valid UTF-8; "
+                                     "the shard is damaged") from None
 
     def raw(self, key: bytes):
         """The stored bytes of one record (a memoryview of the map, or bytes), or None."""
@@ -221,12 +111,20 @@ class ShardReader(Sequence):
         h = self._handle()
         value = h.get(key, 0)
         if value is None:
-            raise KeyError(f"{self.path}: no record {key.decode('utf-8', 'replace')!r}")
+            raise KeyError(f"{self.path}: no record {_show(key)}")
         try:
             rec = decode_record(key, value, self.verify, None, h.expect)
         except CorruptRecordError as e:
             raise e.at(self.path) from None
         return rec.copy() if self.copy else rec
+
+
+def _show(key: bytes) -> str:
+    """An id for a message: its text, or its bytes where they are not UTF-8."""
+    try:
+        return repr(key.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(key)
 
 
 def find_shards(folder: str) -> list[str]:
@@ -240,29 +138,47 @@ def find_shards(folder: str) -> list[str]:
     return sorted(out)
 
 
-def resolve_sources(source) -> tuple[list[str], list[int] | None]:
-    """Shard paths (and known counts) from a shard, a folder of shards, an index file, or a list."""
+def resolve_sources(source, allow_outside: bool = False) -> tuple[list[str], list[dict | None]]:
+    """Shard paths from a shard, a folder of shards, an index file, or a list of these; and for each, its
+    index entry (count, content hash) when it came from an index, else None.
+
+    allow_outside: accept index entries that lead outside the index's folder (indexfile.py)."""
     if isinstance(source, (list, tuple)):
-        paths, counts = [], []
+        paths, entries = [], []
         for s in source:
-            p, c = resolve_sources(s)
+            p, e = resolve_sources(s, allow_outside)
             paths += p
-            counts = None if (counts is None or c is None) else counts + c
-        return paths, counts
+            entries += e
+        return paths, entries
     source = os.fspath(source)
     if os.path.isfile(source):
-        from .index import load_index
-
-        index = load_index(source)
-        return [s["path"] for s in index["shards"]], [s["count"] for s in index["shards"]]
+        shards = load_index(source, allow_outside=allow_outside)["shards"]
+        return [s["path"] for s in shards], [{**s, "index": source} for s in shards]
     if os.path.isfile(os.path.join(source, "data.mdb")):
-        return [source], None
+        return [source], [None]
     if os.path.isdir(source):
         paths = find_shards(source)
         if not paths:
             raise ShardError(f"{source}: no shards found (folders holding data.mdb)")
-        return paths, None
+        return paths, [None] * len(paths)
     raise ShardError(f"{source}: no such shard, folder or index file")
+
+
+def check_against_index(shard: ShardReader, entry: dict) -> None:
+    """The shard is the one its index entry describes: same record count and content hash. Cheap: the
+    hash is the one the writer stored in the shard's state (computed once here for shards without)."""
+    h = shard._handle()
+    where = f"{shard.path} (listed in {entry['index']})"
+    if h.count != entry["count"]:
+        raise ShardError(f"{where}: the shard has {h.count} records, the index says {entry['count']} (shards "
+                         "changed since they were indexed); rebuild the index or restore the shard")
+    stored = h.state.get("content_hash")
+    if stored is None:  # written before shards stored their hash, or by another implementation
+        with h.snapshot() as (txn, records, order, _):
+            stored = content_hash_of(txn, records, order, h.meta, shard.path)
+    if stored != entry["content_hash"]:
+        raise ShardError(f"{where}: shard was replaced since it was indexed: content hash {stored}, the index "
+                         f"says {entry['content_hash']}; rebuild the index or restore the shard")
 
 
 class ShardSet(Sequence):
@@ -270,18 +186,21 @@ class ShardSet(Sequence):
 
     source: a shard folder, a folder of shards, an index JSON (from `regionbert-shards index`), or a
     list of these. Shards must agree in settings (feature dim, classes, extractor) unless
-    check_settings=False. Per-shard counts are kept (a few bytes per shard), nothing per record.
+    check_settings=False. Shards from an index must match their entry (record count and stored content
+    hash), and an index may name only shards inside its folder unless allow_outside=True. Per-shard
+    counts are kept (a few bytes per shard), nothing per record.
     """
 
-    def __init__(self, source, verify: bool = True, copy: bool = False, check_settings: bool = True):
-        paths, counts = resolve_sources(source)
+    def __init__(self, source, verify: bool = True, copy: bool = False, check_settings: bool = True,
+                 allow_outside: bool = False):
+        paths, entries = resolve_sources(source, allow_outside)
         if not paths:
             raise ShardError(f"{source}: no shards")
         self.shards = [ShardReader(p, verify=verify, copy=copy) for p in paths]
+        for shard, entry in zip(self.shards, entries, strict=True):
+            if entry is not None:
+                check_against_index(shard, entry)
         actual = [len(s) for s in self.shards]
-        if counts is not None and counts != actual:
-            bad = [s.path for s, a, b in zip(self.shards, actual, counts, strict=True) if a != b]
-            raise ShardError(f"shards changed since they were indexed (record counts differ): {bad}")
         if check_settings:
             first = self.shards[0]
             for s in self.shards[1:]:

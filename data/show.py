@@ -17,14 +17,22 @@ _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
 
 def find_image(rec: Record, meta: dict, image: str | None = None, root: str | None = None) -> str:
     """The image file of a record: given, or the id (a path without extension) under root, or under
-    the folder the extractor read (recorded in the shard)."""
+    the folder the extractor read (recorded in the shard). An id is a shard's word, so it may not lead
+    outside that folder: absolute, `..`, or through a symlink (pass the file as `image` instead)."""
     if image:
         return image
     root = root or ((meta.get("extractor") or {}).get("job") or {}).get("images")
-    if not root or not os.path.isdir(root):
+    if not isinstance(root, str) or not root or "\0" in root or not os.path.isdir(root):
         raise ShardError(f"record {rec.id!r}: no image file given and the shard records no image folder "
                          "(pass --image or --root)")
+    if "\0" in rec.id or os.path.isabs(rec.id):
+        raise ShardError(f"record {rec.id!r}: the id is not a relative path; pass the image with --image")
+    real_root = os.path.realpath(root)
     hits = sorted(glob.glob(os.path.join(glob.escape(root), glob.escape(rec.id) + ".*")))
+    if os.path.commonpath([real_root, os.path.realpath(os.path.join(root, rec.id))]) != real_root or any(
+            os.path.commonpath([real_root, os.path.realpath(h)]) != real_root for h in hits):
+        raise ShardError(f"record {rec.id!r}: the id leads outside the image folder {root}; pass the image "
+                         "with --image")
     if not hits:
         raise ShardError(f"record {rec.id!r}: no file {rec.id}.* under {root}")
     return hits[0]

@@ -2,51 +2,36 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-from datetime import UTC, datetime
 
 import lmdb
 import numpy as np
 
 from .errors import ShardError, ShardMismatchError
-from .format import (
+from .format import (  # noqa: F401 - DB_*, META_*, order_key, comparable_settings: also imported from here
+    DB_META,
+    DB_ORDER,
+    DB_RECORDS,
     FEATURE_DTYPE_CODES,
+    META_SHARD,
+    META_STATE,
+    comparable_settings,
+    content_hash_of,
     decode_meta,
+    decode_state,
     encode_extra,
     encode_json,
     encode_key,
     encode_record,
     make_meta,
+    now_iso,
+    order_key,
+    settings_diff,
 )
+from .handles import open_for_reading_here
+from .lock import WriterLock
 
-DB_RECORDS, DB_ORDER, DB_META = b"records", b"order", b"meta"
-META_SHARD, META_STATE = b"shard", b"state"
 PROB_SUM_TOLERANCE = 0.02  # float16 rounding over ~1600 classes stays well inside this
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def order_key(index: int) -> bytes:
-    return struct.pack(">Q", index)  # big-endian: LMDB's byte order is the insertion order
-
-
-def comparable_settings(meta: dict) -> dict:
-    """What must agree between shards that are read or indexed together (extractor 'job' excluded)."""
-    extractor = {k: v for k, v in (meta.get("extractor") or {}).items() if k != "job"}
-    keys = ("schema_version", "feature_dim", "feature_dtype", "class_names", "attribute_names")
-    return {**{k: meta.get(k) for k in keys}, "extractor": extractor}
-
-
-def settings_diff(a: dict, b: dict) -> list[str]:
-    a, b = comparable_settings(a), comparable_settings(b)
-    out = [k for k in a if k != "extractor" and a[k] != b[k]]
-    ea, eb = a["extractor"], b["extractor"]
-    out += [f"extractor.{k}" for k in sorted(set(ea) | set(eb)) if ea.get(k) != eb.get(k)]
-    return out
 
 
 class ShardWriter:
@@ -86,11 +71,20 @@ class ShardWriter:
             raise ShardError("class_names must list every class, background included (at least 2)")
         self.path = os.fspath(path)
         self.commit_every, self.commit_bytes = commit_every, commit_bytes
-        from .reader import open_for_reading_here
-
         if open_for_reading_here(self.path):
             raise ShardError(f"{self.path}: this process is reading the shard; write it from another process "
                              "(LMDB allows one open environment per file per process)")
+        self._env = None
+        self._lock = WriterLock(self.path).acquire()  # one writer per shard; refused at once if taken
+        try:
+            self._open(map_size, feature_dim, feature_dtype, class_names, attribute_names, extractor, append)
+        except BaseException:
+            if self._env is not None:
+                self._env.close()
+            self._lock.release()
+            raise
+
+    def _open(self, map_size, feature_dim, feature_dtype, class_names, attribute_names, extractor, append) -> None:
         os.makedirs(self.path, exist_ok=True)
         try:
             self._env = lmdb.open(self.path, subdir=True, map_size=map_size, max_dbs=3, meminit=False)
@@ -104,14 +98,9 @@ class ShardWriter:
             raw = txn.get(META_SHARD, db=self._meta_db)
             state = txn.get(META_STATE, db=self._meta_db)
         if raw is not None:  # resume: the shard's settings win, and must match ours
-            try:
-                self.meta = decode_meta(self.path, raw)
-            except ShardError:
-                self._env.close()
-                raise
+            self.meta = decode_meta(self.path, raw)
             diff = settings_diff(self.meta, wanted)
             if diff:
-                self._env.close()
                 raise ShardMismatchError(
                     f"{self.path}: existing shard differs in {', '.join(diff)}; write to a new shard "
                     "(or delete this one) instead of mixing settings")
@@ -125,8 +114,8 @@ class ShardWriter:
         self.added = self.skipped = 0
         self._closed = False
         try:
-            self.was_complete = bool(state) and bool(json.loads(state).get("complete"))
-        except ValueError:
+            self.was_complete = bool(decode_state(self.path, state).get("complete"))
+        except ShardError:
             self.was_complete = False
         self.append = append
         self._touched = False  # nothing written yet: a complete shard stays untouched until a record comes
@@ -223,6 +212,7 @@ class ShardWriter:
         finally:
             self._closed = True
             self._env.close()
+            self._lock.release()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -234,13 +224,15 @@ class ShardWriter:
     # -- internals ----------------------------------------------------------------------------------
 
     def _write_state(self, complete: bool, meta: dict | None = None) -> None:
-        state = encode_json({"count": self.count, "complete": complete, "updated": now_iso()})
         while True:
             try:
-                with self._env.begin(write=True) as txn:
+                with self._env.begin(write=True, buffers=True) as txn:  # buffers: the hash reads 8 bytes a record
                     if meta is not None:
                         txn.put(META_SHARD, encode_json(meta), db=self._meta_db)
-                    txn.put(META_STATE, state, db=self._meta_db)
+                    state = {"count": self.count, "complete": complete, "updated": now_iso()}
+                    if complete:  # stored for readers to compare with an index (cheap at open; verify recomputes)
+                        state["content_hash"] = content_hash_of(txn, self._records, self._order, self.meta, self.path)
+                    txn.put(META_STATE, encode_json(state), db=self._meta_db)
                 return
             except lmdb.MapFullError:
                 self._grow()

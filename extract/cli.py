@@ -43,7 +43,8 @@ def parse_args(argv=None) -> ExtractConfig:
     g.add_argument("--image-root", help="manifest paths are relative to this (default: the manifest's folder)")
     g.add_argument("--path-column")
     g.add_argument("--id-column")
-    g.add_argument("--allow-outside-root", action="store_true", help="accept manifest paths outside the root")
+    g.add_argument("--allow-outside-root", action="store_true",
+                   help="accept manifest paths (and symlinked files in a folder) that resolve outside the root")
     g = p.add_argument_group("job")
     g.add_argument("--num-shards", type=int, help="split the input into N jobs (default: SLURM array / torchrun, or 1)")
     g.add_argument("--shard-index", type=int, help="this job's part, 0..N-1")

@@ -35,15 +35,21 @@ def image_id(path: str, root: str) -> str:
     return os.path.splitext(rel)[0].replace(os.sep, "/")
 
 
-def list_folder(root: str) -> list[ImageItem]:
-    """Every file with an image extension under root (recursive), sorted by path."""
+def list_folder(root: str, allow_outside_root: bool = False) -> list[ImageItem]:
+    """Every file with an image extension under root (recursive, symlinked folders not followed), sorted
+    by path. A symlinked file that resolves outside root is refused unless allow_outside_root."""
     root = os.path.abspath(root)
+    real_root = os.path.realpath(root)
     items = []
     for d, dirs, files in os.walk(root):
         dirs.sort()
         for f in sorted(files):
             if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
                 p = os.path.join(d, f)
+                real = os.path.realpath(p)
+                if not allow_outside_root and os.path.commonpath([real_root, real]) != real_root:
+                    raise ValueError(f"{p}: a symlink to {real}, outside the image root {root} (pass "
+                                     "--allow-outside-root if that is intended)")
                 items.append(ImageItem(image_id(p, root), p))
     return _unique(items, root)
 

@@ -142,7 +142,7 @@ def shard_name(index: int, count: int) -> str:
 
 def collect_items(cfg: ExtractConfig) -> list[ImageItem]:
     if os.path.isdir(cfg.images):
-        return list_folder(cfg.images)
+        return list_folder(cfg.images, cfg.allow_outside_root)
     if os.path.isfile(cfg.images):
         return read_manifest(cfg.images, cfg.image_root, cfg.path_column, cfg.id_column, cfg.allow_outside_root)
     raise ValueError(f"{cfg.images}: no such folder or manifest")

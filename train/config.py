@@ -30,6 +30,7 @@ class DataConfig:
     max_batch_size: int = 0  # 0: no limit but the budget
     num_workers: int = 2
     verify: bool = True  # check each record's checksum as it is read
+    allow_outside: bool = False  # accept index entries outside the index file's folder (docs/trust.md)
     eval_split: str | None = "val"  # held-out manifest rows for evaluation (None: no evaluation)
 
 

@@ -46,7 +46,7 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
     d = cfg.data
     if not d.shards or not d.captions or not d.tokenizer:
         raise ValueError("data.shards, data.captions and data.tokenizer must all be set")
-    shards = ShardSet(d.shards, verify=d.verify)
+    shards = ShardSet(d.shards, verify=d.verify, allow_outside=d.allow_outside)
     text = Text(d.tokenizer, cfg.model.max_text_len, d.lowercase)
     resolve_model(cfg, shards, text)
     pairs = Pairs(shards, d.captions, text, split, d.max_regions)

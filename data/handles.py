@@ -1,0 +1,187 @@
+"""One handle per shard per process: how a shard's LMDB environment is opened for reading.
+
+A complete shard is immutable, so it is opened once per process without LMDB's lock file and read-only
+(nothing per-process is shared, so a forked DataLoader worker can keep using what it inherited; a
+spawned one opens its own on first use). No lock file is created or needed, so a complete shard reads
+from a read-only mount, or as a user who may read its files but not write its folder. The first
+metadata read is lock-free too: the state says whether the shard is complete, and only an incomplete
+one is reopened with LMDB's lock (it may be written right now). The environment of a complete shard is
+never closed, so the numpy views handed out by readers never dangle.
+
+An incomplete shard (its writer crashed, or is still running) is opened with LMDB's lock for each read
+and its records are copied out. Where the lock file cannot be made (a read-only location), it is read
+without, which is safe only while no writer runs; `lockless` says so and the reader warns.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from contextlib import contextmanager
+
+import lmdb
+
+from .errors import ShardError
+from .format import (
+    DB_META,
+    DB_ORDER,
+    DB_RECORDS,
+    FEATURE_DTYPE_CODES,
+    META_SHARD,
+    META_STATE,
+    decode_meta,
+    decode_state,
+)
+
+_READ_ONLY_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _open_env(path: str, lock: bool):
+    """(environment, (records, order, meta) tables), read-only; ShardError if it is not a shard."""
+    try:
+        env = lmdb.open(path, subdir=True, readonly=True, lock=lock, readahead=False, max_dbs=3,
+                        max_readers=1024)
+    except lmdb.Error as e:
+        hint = (" (each shard read keeps one file open for the life of the process: raise `ulimit -n`, or use "
+                "fewer, larger shards)" if "Too many open files" in str(e) else "")
+        raise ShardError(f"{path}: cannot open shard: {e}{hint}") from None
+    try:
+        dbs = tuple(env.open_db(n, create=False) for n in (DB_RECORDS, DB_ORDER, DB_META))
+    except lmdb.Error:
+        env.close()
+        raise ShardError(f"{path}: not a regionbert shard (no records/order/meta tables)") from None
+    return env, dbs
+
+
+def _cannot_lock(e: ShardError) -> bool:
+    """Whether opening with LMDB's lock failed only because the lock file cannot be made here."""
+    msg = str(e)
+    return any(os.strerror(n) in msg for n in _READ_ONLY_ERRORS)
+
+
+class Handle:
+    """This process's view of one shard: metadata, state, count, and how to read it."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(os.path.join(path, "data.mdb")):
+            raise ShardError(f"{path}: not a shard (no data.mdb in this folder)")
+        self.path = path
+        self.env = None  # set for complete shards: the shared, lock-free, never-closed environment
+        self.lockless = False  # an incomplete shard read without LMDB's lock (a read-only location)
+        self.gen = 0
+        self._local = threading.local()
+        self.reload()
+
+    def reload(self) -> None:
+        """(Re)read metadata, state and count; new reads see the newest committed data."""
+        self.signature = _signature(self.path)
+        if self.env is None:
+            # First look lock-free: a complete shard stays open like this, an incomplete one is reopened
+            # with the lock below (what we read lock-free of it is thrown away).
+            env, dbs = _open_env(self.path, lock=False)
+            try:
+                with env.begin(buffers=False) as txn:
+                    state = decode_state(self.path, txn.get(META_STATE, db=dbs[2]))
+            except ShardError:
+                state = {}
+            if state.get("complete"):
+                self.env, self.dbs = env, dbs
+            else:
+                env.close()
+        with self.snapshot(buffers=False) as (txn, _, order, meta_db):
+            self.meta = decode_meta(self.path, txn.get(META_SHARD, db=meta_db))
+            self.state = decode_state(self.path, txn.get(META_STATE, db=meta_db))
+            self.count = txn.stat(order)["entries"]
+        self.complete = bool(self.state.get("complete"))
+        names, attrs = self.meta["class_names"], self.meta["attribute_names"]
+        # (D, C, A, feature dtype code) that every record's header must carry
+        self.expect = (self.meta["feature_dim"], 0 if names is None else len(names), 0 if attrs is None else len(attrs),
+                       FEATURE_DTYPE_CODES[self.meta["feature_dtype"]])
+        self.gen += 1
+
+    @contextmanager
+    def snapshot(self, buffers: bool = True):
+        """A consistent read transaction and the (records, order, meta) tables, for scans."""
+        if self.env is not None:
+            with self._begin(buffers) as txn:
+                yield (txn, *self.dbs)
+            return
+        env, dbs = self._open_locked()  # may be written right now: take a reader slot
+        try:
+            with env.begin(buffers=buffers) as txn:
+                yield (txn, *dbs)
+        finally:
+            env.close()
+
+    def _open_locked(self):
+        if not self.lockless:
+            try:
+                return _open_env(self.path, lock=True)
+            except ShardError as e:
+                if not _cannot_lock(e):
+                    raise
+                self.lockless = True  # read-only here: nobody can be writing it through this folder
+        return _open_env(self.path, lock=False)
+
+    def _begin(self, buffers: bool):
+        try:
+            return self.env.begin(buffers=buffers)
+        except lmdb.MapResizedError:  # a writer grew the file since we mapped it
+            self.env.set_mapsize(0)
+            return self.env.begin(buffers=buffers)
+
+    def get(self, key: bytes, table: int):
+        """One value from records (0) or order (1): a view of the map, or owned bytes if incomplete."""
+        if self.env is None:
+            with self.snapshot(buffers=False) as tables:
+                return tables[0].get(key, db=tables[1 + table])
+        local = self._local
+        txn = local.__dict__.get("txn")
+        if txn is None or local.gen != self.gen:  # long-lived per thread: handed-out views stay valid
+            txn = local.txn = self._begin(True)
+            local.gen = self.gen
+        return txn.get(key, db=self.dbs[table])
+
+
+_HANDLES: dict = {}  # by path, and by file identity (LMDB allows one open per file)
+_HANDLES_LOCK = threading.Lock()
+
+
+def _signature(path: str) -> tuple:
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except OSError:
+        return ()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def get_handle(path: str, refresh: bool = False) -> Handle:
+    """This process's handle on a shard. refresh: catch up if the file changed since it was read."""
+    h = _HANDLES.get(path)
+    if h is None:
+        with _HANDLES_LOCK:
+            ident = _signature(path)[:2]
+            h = _HANDLES.get(path) or _HANDLES.get(ident)  # a moved or linked folder: same files
+            if h is None:
+                h = Handle(path)
+            h.path = path
+            _HANDLES[path] = _HANDLES[ident] = h
+    elif refresh and (not h.complete or h.signature != _signature(path)):
+        # (an incomplete shard is always reread: a commit within the file system's timestamp tick leaves
+        # size and mtime as they were)
+        with _HANDLES_LOCK:
+            sig = _signature(path)
+            if sig[:2] != h.signature[:2]:  # deleted and written anew: other files, a new environment
+                h = _HANDLES.get(sig[:2]) or Handle(path)  # (the old one stays open for its views)
+                h.path = path
+                _HANDLES[path] = _HANDLES[sig[:2]] = h
+            else:
+                h.reload()
+    return h
+
+
+def open_for_reading_here(path: str) -> bool:
+    """Whether this process holds the shard's environment open (LMDB allows one per file)."""
+    h = _HANDLES.get(_signature(os.path.abspath(path))[:2])
+    return h is not None and h.env is not None
