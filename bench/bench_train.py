@@ -33,7 +33,7 @@ from train_synth import write_dataset  # noqa: E402
 
 from regionbert.train.config import load_config  # noqa: E402
 from regionbert.train.data import Pairs, TokenBucketSampler  # noqa: E402
-from regionbert.train.setup import run  # noqa: E402
+from regionbert.train.run import run  # noqa: E402
 from regionbert.train.text import Text  # noqa: E402
 
 

@@ -2,6 +2,7 @@
 batch sizes 1, 8 and 32, ours (butd policy, features and class distributions) vs model(images).
 
     python bench/gpu_extract.py            # about 3-5 minutes on one modern GPU
+    python bench/gpu_extract.py --dry-run  # the same code on the CPU: 2 small images, batch 1 and 2
 
 Images are decoded once into pinned host memory (decode is measured by bench_extract.py on CPU);
 each timed step copies the batch to the GPU, as the extraction job does. Random weights (the GPU
@@ -30,16 +31,28 @@ def main():
     ap.add_argument("--images", type=int, default=128, help="images per timed pass")
     ap.add_argument("--amp", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--dry-run", action="store_true", help="on the CPU, tiny: checks that the script runs")
     args = ap.parse_args()
-    assert torch.cuda.is_available(), "this benchmark needs a GPU"
-    dev = torch.device("cuda")
-    torch.backends.cudnn.benchmark = True
-    model, _, info = build_detector(DetectorSpec("resnet50_fpn_v2", "none"))
+    if args.dry_run:
+        dev, args.batch_sizes, args.images = torch.device("cpu"), "1,2", 2
+        spec = DetectorSpec("resnet50_fpn_v2", "none", min_size=128, max_size=160)
+    else:
+        assert torch.cuda.is_available(), "this benchmark needs a GPU (or --dry-run)"
+        dev, spec = torch.device("cuda"), DetectorSpec("resnet50_fpn_v2", "none")
+        torch.backends.cudnn.benchmark = True
+    model, _, info = build_detector(spec)
     model.to(dev)
     ex = RegionExtractor(model, BoxPolicy("butd"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     g = torch.Generator().manual_seed(0)
-    host = [torch.rand(3, 480, 640, generator=g).pin_memory() for _ in range(args.images)]
+    size = (3, 96, 128) if args.dry_run else (3, 480, 640)
+    host = [torch.rand(*size, generator=g) for _ in range(args.images)]
+    if dev.type == "cuda":
+        host = [x.pin_memory() for x in host]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
     rows = []
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         batches = [host[i:i + bs] for i in range(0, len(host), bs)]
@@ -54,19 +67,21 @@ def main():
 
         row = {"batch_size": bs}
         for name, step in (("model", model_step), ("ours", ours_step)):
-            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dev.type == "cuda"):
                 step(batches[0])
-                torch.cuda.synchronize()
+                sync()
                 start = time.perf_counter()
                 for b in batches:
                     step(b)
-                torch.cuda.synchronize()
+                sync()
             row[f"{name}_images_per_s"] = round(len(host) / (time.perf_counter() - start), 2)
         row["ours_vs_model"] = round(row["model_images_per_s"] / row["ours_images_per_s"], 3)
-        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if dev.type == "cuda":
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"gpu": torch.cuda.get_device_name(), "amp": args.amp, "torch": torch.__version__,
+    result = {"gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (dry run)", "amp": args.amp,
+              "torch": torch.__version__,
               "min_size": info["min_size"], "max_size": info["max_size"], "rows": rows}
     print(json.dumps(result, indent=1))
     if args.out:

@@ -31,7 +31,7 @@ from train_synth import write_dataset  # noqa: E402
 from regionbert.train.config import load_config  # noqa: E402
 from regionbert.train.evaluate import itm_scores  # noqa: E402
 from regionbert.train.loop import autocast_for  # noqa: E402
-from regionbert.train.setup import build_data, build_model, run  # noqa: E402
+from regionbert.train.run import build_data, build_model, run  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 

@@ -12,7 +12,7 @@ from regionbert.train.checkpoint import load_checkpoint
 from regionbert.train.config import load_config
 from regionbert.train.model import ModelConfig
 from regionbert.train.pretrainer import Pretrainer
-from regionbert.train.setup import run
+from regionbert.train.run import run
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ import torch
 from train_synth import write_dataset
 
 from regionbert.data import ShardSet
-from regionbert.train.data import PairDataset, Pairs, collate
+from regionbert.train.data import PairDataset, Pairs, collate, to_device
 from regionbert.train.evaluate import itm_scores, retrieval_recall
 from regionbert.train.metrics import Logger, format_duration, read_log, trim_log
 from regionbert.train.model import ModelConfig
@@ -61,7 +61,7 @@ def test_batched_itm_scores_equal_scoring_each_pair_alone(small):
     with torch.no_grad():
         alone = torch.zeros(len(captions), len(images))
         for c in captions:
-            batch = collate([dataset[("itm", int(c), int(i), 0)] for i in images])  # (captions, one image) pairs
+            batch = to_device(collate([dataset[("itm", int(c), int(i), 0)] for i in images]), "cpu")  # float16 -> 32
             logits = model.heads["itm"].classify(model.encode(batch).pooled)
             alone[c] = logits[:, 1] - logits[:, 0]
     for batch_pairs in (1, 7, 10_000):

@@ -21,7 +21,7 @@ from regionbert.train.config import load_config
 from regionbert.train.data import TaskSampler, collate
 from regionbert.train.evaluate import evaluate
 from regionbert.train.masking import IGNORE
-from regionbert.train.setup import build_data, build_model, run
+from regionbert.train.run import build_data, build_model, run
 
 STEPS = 1500
 

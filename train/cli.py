@@ -10,7 +10,7 @@ from regionbert.data import ShardError
 
 from .config import load_config
 from .loop import NonFiniteLoss
-from .setup import run
+from .run import run
 
 
 def main(argv=None) -> int:

@@ -5,8 +5,11 @@ A *pair* is one caption with its image. Each step trains one task on one batch:
     TokenBucketSampler  pair indices, batched by a token budget over text + regions (little padding)
     TaskSampler         draws the batch's task by the mixing ratios; for ITM swaps in another image
                         for half the pairs; gives every sample its own random seed
-    PairDataset         reads the record (through regionbert.data), masks what the task hides
-    collate             pads into tensors and measures the padding
+    PairDataset         reads a batch's records (zero-copy, through regionbert.data), masks what the
+                        task hides, over the whole batch
+    collate             pads into tensors (float16 features, as stored) and measures the padding
+    DeviceFeed          moves batches to the device, casting to float32 there; on CUDA the next
+                        batch's copy runs on a side stream while the current step computes
 
 Masking happens in the loader workers, seeded per sample, so a run is reproducible whatever the
 number of workers.
@@ -16,13 +19,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
+import time
 
 import numpy as np
 import torch
 
 from regionbert.data import ShardSet
 
-from .masking import IGNORE, REGION_TASKS, TextMasker, mask_regions, modalities
+from .masking import IGNORE, REGION_TASKS, Generators, TextMasker, mask_regions_batch, modalities
 from .text import Text, read_manifest
 
 
@@ -57,7 +62,11 @@ class Pairs:
 class PairDataset(torch.utils.data.Dataset):
     """dataset[(task, pair, other_image, seed)] -> one sample, masked for the task (numpy arrays).
 
-    other_image >= 0 replaces the pair's image (an ITM negative); seed seeds this sample's masking."""
+    other_image >= 0 replaces the pair's image (an ITM negative); seed seeds this sample's masking.
+    The DataLoader fetches a whole batch at once (__getitems__): records are read as zero-copy views
+    in the shard's dtype (float16 features and class probabilities: nothing is widened on the host),
+    and masking runs over the batch, one generator per sample, so a sample's masks are the same
+    whichever batch or worker it is in (dataset[key] is the batch of one)."""
 
     def __init__(self, shards: ShardSet, pairs: Pairs, text: Text, masking: str = "conditional",
                  mask_prob: float = 0.15, max_regions: int = 100, loc_dim: int = 7):
@@ -69,6 +78,8 @@ class PairDataset(torch.utils.data.Dataset):
             self.num_classes = 0
         else:
             self.num_classes = len(shards.meta["class_names"])
+        self._modes = {}  # task -> (mask text?, mask regions?)
+        self._generators = Generators()  # per-sample generators, as np.random.default_rng(seed) makes them
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -81,60 +92,209 @@ class PairDataset(torch.utils.data.Dataset):
                 np.array((rec.loc7 if self.loc_dim == 7 else rec.loc5)[:n], dtype=np.float32))
 
     def __getitem__(self, key) -> dict:
-        task, p, other, seed = key
-        rng = np.random.default_rng(seed)
-        image = int(self.pairs.image[p]) if other < 0 else int(other)
-        rec = self.shards[int(self.pairs.pool[image])]
-        n = min(rec.num_boxes, self.max_regions)
-        ids = self.pairs.tokens[p]
-        text_masked, regions_masked = modalities(task, self.masking)
-        inputs, labels = self.masker(ids, rng) if text_masked else (ids, np.full_like(ids, IGNORE))
-        region_mask = mask_regions(n, rng, self.mask_prob) if regions_masked else np.zeros(n, dtype=bool)
-        if rec.class_probs is not None:
-            probs = np.array(rec.class_probs[:n], dtype=np.float32)
-        elif task in REGION_TASKS[1:]:
-            raise ValueError(f"task {task} needs class distributions but record {rec.id!r} has none")
-        else:
-            probs = np.zeros((n, 0), dtype=np.float32)
-        return {"task": task, "input_ids": inputs, "mlm_labels": labels, "region_mask": region_mask,
-                "features": np.array(rec.features[:n], dtype=np.float32),  # copies: owned, writable
-                "locations": np.array((rec.loc7 if self.loc_dim == 7 else rec.loc5)[:n], dtype=np.float32),
-                "class_probs": probs, "itm_label": int(other < 0), "pair": p, "image": image}
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple]) -> list[dict]:
+        """The samples of a batch of keys, their region arrays already in place in the batch's buffers:
+        each record is copied into row j of (B, N, width) buffers right after it is read (and its
+        checksum computed), while it is still in the CPU's cache; collate then takes the buffers as
+        they are. A sample's features etc. are (n, width) views of its row; masks and masked tokens
+        are its own."""
+        pairs, shards, cap, loc7 = self.pairs, self.shards, self.max_regions, self.loc_dim == 7
+        images = [int(pairs.image[p]) if other < 0 else int(other) for _, p, other, _ in keys]
+        B, N = len(keys), int(pairs.num_boxes[images].max(initial=0))  # num_boxes: already capped
+        meta = shards.meta
+        widths = {"features": (meta["feature_dim"], np.dtype(meta["feature_dtype"])),
+                  "locations": (self.loc_dim, np.dtype(np.float32)),
+                  "class_probs": (self.num_classes, np.dtype(np.float16))}
+        buffers = {k: _BUFFERS.take(k, (B, N, w), dt) for k, (w, dt) in widths.items()}  # tensors
+        feats, locs, probs_buf = (buffers[k].numpy() for k in widths)
+        samples, text_rows, region_rows, seeds, masked = [], [], [], [], []
+        for j, ((task, p, other, seed), image) in enumerate(zip(keys, images, strict=True)):
+            rec = shards[int(pairs.pool[image])]
+            n = min(rec.num_boxes, cap)
+            if n > N:
+                raise ValueError(f"record {rec.id!r} has {n} boxes, more than the {N} it had when the run started")
+            modes = self._modes.get(task) or self._modes.setdefault(task, modalities(task, self.masking))
+            feats[j, :n] = rec.features[:n]
+            locs[j, :n] = (rec.loc7 if loc7 else rec.loc5)[:n]
+            if rec.class_probs is not None:
+                probs_buf[j, :n] = rec.class_probs[:n]
+            elif task in REGION_TASKS[1:]:
+                raise ValueError(f"task {task} needs class distributions but record {rec.id!r} has none")
+            else:
+                probs_buf[j, :n] = 0
+            if n < N:  # padding: zeros (the buffers are reused)
+                feats[j, n:], locs[j, n:], probs_buf[j, n:] = 0, 0, 0
+            views = (feats[j, :n], locs[j, :n], probs_buf[j, :n])
+            samples.append({"task": task, "input_ids": pairs.tokens[p], "mlm_labels": None, "region_mask": None,
+                            "features": views[0], "locations": views[1], "class_probs": views[2],
+                            "itm_label": int(other < 0), "pair": p, "image": image, "id": rec.id,
+                            "_rows": (buffers, j, views)})  # where its regions are: collate checks it
+            if modes[0] or modes[1]:
+                seeds.append(seed)
+                masked.append(j)
+            if modes[0]:
+                text_rows.append(j)
+            if modes[1]:
+                region_rows.append(j)
+        for j, rng in zip(masked, self._generators(seeds), strict=True):
+            samples[j]["rng"] = rng  # each sample's own draws: text first, then regions
+        if text_rows:
+            inputs, labels = self.masker.batch([samples[j]["input_ids"] for j in text_rows],
+                                               [samples[j]["rng"] for j in text_rows])
+            for row, j in enumerate(text_rows):
+                t = len(samples[j]["input_ids"])
+                samples[j]["input_ids"], samples[j]["mlm_labels"] = inputs[row, :t], labels[row, :t]
+        if region_rows:
+            lens = [len(samples[j]["features"]) for j in region_rows]
+            chosen = mask_regions_batch(lens, [samples[j]["rng"] for j in region_rows], self.mask_prob)
+            for row, j in enumerate(region_rows):
+                samples[j]["region_mask"] = chosen[row, :lens[row]]
+        for s in samples:
+            s.pop("rng", None)
+            if s["mlm_labels"] is None:
+                s["mlm_labels"] = np.full_like(s["input_ids"], IGNORE)
+            if s["region_mask"] is None:
+                s["region_mask"] = np.zeros(len(s["features"]), dtype=bool)
+        return samples
+
+
+class HostBuffers:
+    """Host memory for batch tensors. A fresh 50 MB buffer per batch costs the kernel a page fault and
+    a zeroed page every 4 KB, as much time as the copy into it; so in the main process a buffer is
+    reused once nothing refers to it any more (no tensor of an earlier batch is alive: each keeps its
+    numpy view, and so the buffer, referenced). Each field (features, ...) has its own buffers, so a
+    buffer keeps its size from batch to batch. In a DataLoader worker the batch is allocated in shared
+    memory instead, where the main process receives it without a copy."""
+
+    def __init__(self, slots: int = 4):
+        self.slots: dict[str, list[np.ndarray]] = {}  # field -> flat uint8 buffers
+        self.max_slots = slots
+        probe = [np.empty(1, np.uint8)]
+        self._free_refs = sys.getrefcount(probe[0])  # the count of a buffer only its list holds
+
+    def take(self, field: str, shape: tuple, dtype) -> torch.Tensor:
+        """An uninitialised tensor of shape and (numpy) dtype, for one field of a batch."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if torch.utils.data.get_worker_info() is not None:
+            storage = torch.UntypedStorage._new_shared(nbytes)
+            return torch.empty(0, dtype=TORCH_DTYPES[dtype]).set_(storage).view(shape)
+        slots = self.slots.setdefault(field, [])
+        for i in range(len(slots)):
+            if sys.getrefcount(slots[i]) <= self._free_refs:
+                if slots[i].nbytes < nbytes:
+                    slots[i] = np.empty(nbytes + nbytes // 4 + 4096, np.uint8)  # room to grow
+                return torch.from_numpy(slots[i][:nbytes].view(dtype).reshape(shape))
+        flat = np.empty(nbytes + nbytes // 4 + 4096, np.uint8)
+        if len(slots) < self.max_slots:
+            slots.append(flat)
+        return torch.from_numpy(flat[:nbytes].view(dtype).reshape(shape))
+
+
+TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                np.dtype(np.float64): torch.float64, np.dtype(np.int64): torch.int64, np.dtype(bool): torch.bool}
+_BUFFERS = HostBuffers()
+
+
+def _pad_rows(rows: list[np.ndarray], lens: np.ndarray, width: int, fill, dtype) -> torch.Tensor:
+    """Short 1-d rows (len lens[b]) into a (B, width) tensor padded with fill, in one scatter."""
+    out = np.full((len(rows), width), fill, dtype=dtype)
+    out[np.arange(width)[None] < lens[:, None]] = np.concatenate(rows)
+    return torch.from_numpy(out)
 
 
 def collate(samples: list[dict]) -> dict:
     """Pad a list of samples of one task into a batch of tensors (text to the longest text, regions
-    to the most regions; the model packs them). pad_fraction: the share of the packed (B, T) sequence
-    that is padding."""
+    to the most regions; the model packs them). Features and class probabilities stay in the shard's
+    dtype (float16): the batch-to-device step casts them on the device (to_device). pad_fraction: the
+    share of the packed (B, T) sequence that is padding. ids: the record id of each sample's image."""
     B = len(samples)
-    text_lens = torch.tensor([len(s["input_ids"]) for s in samples])
-    region_lens = torch.tensor([len(s["features"]) for s in samples])
+    text_lens = np.fromiter((len(s["input_ids"]) for s in samples), np.int64, B)
+    region_lens = np.fromiter((len(s["features"]) for s in samples), np.int64, B)
     L, N = int(text_lens.max()), int(region_lens.max())
-    D, loc, C = samples[0]["features"].shape[1], samples[0]["locations"].shape[1], samples[0]["class_probs"].shape[1]
-    batch = {
-        "input_ids": torch.zeros(B, L, dtype=torch.long),  # [PAD] positions are never attended to
-        "mlm_labels": torch.full((B, L), IGNORE, dtype=torch.long),
-        "features": torch.zeros(B, N, D), "locations": torch.zeros(B, N, loc), "class_probs": torch.zeros(B, N, C),
-        "region_mask": torch.zeros(B, N, dtype=torch.bool),
+    first = samples[0]
+    rows = [s.get("_rows") for s in samples]
+    filled = rows[0] and rows[0][0]["features"].shape[:2] == (B, N) and all(  # rows 0..B-1 of one batch, unedited
+        r is not None and r[0] is rows[0][0] and r[1] == b and r[2][0] is s["features"] and r[2][1] is s["locations"]
+        and r[2][2] is s["class_probs"] for b, (r, s) in enumerate(zip(rows, samples, strict=True)))
+    regions = rows[0][0] if filled else {}  # the batch's buffers as PairDataset filled them, or:
+    for k in () if filled else ("features", "locations", "class_probs"):  # (B, N, width) each, copied
+        buf = _BUFFERS.take(k, (B, N, first[k].shape[1]), first[k].dtype)
+        a = buf.numpy()
+        for b, s in enumerate(samples):
+            n = len(s[k])
+            a[b, :n] = s[k]
+            if n < N:
+                a[b, n:] = 0
+        regions[k] = buf
+    lens = text_lens + region_lens
+    tokens = int(lens.sum())
+    return {
+        "input_ids": _pad_rows([s["input_ids"] for s in samples], text_lens, L, 0, np.int64),
+        "mlm_labels": _pad_rows([s["mlm_labels"] for s in samples], text_lens, L, IGNORE, np.int64),
+        **regions,
+        "region_mask": _pad_rows([s["region_mask"] for s in samples], region_lens, N, False, bool),
+        "task": first["task"], "text_lens": torch.from_numpy(text_lens), "region_lens": torch.from_numpy(region_lens),
+        "itm_labels": torch.tensor([s["itm_label"] for s in samples]),
+        "pairs": torch.tensor([s["pair"] for s in samples]), "images": torch.tensor([s["image"] for s in samples]),
+        "ids": [s.get("id") for s in samples],
+        "num_tokens": tokens, "pad_fraction": 1 - tokens / (B * int(lens.max())),
     }
-    for b, s in enumerate(samples):
-        t, n = len(s["input_ids"]), len(s["features"])
-        batch["input_ids"][b, :t] = torch.from_numpy(s["input_ids"])
-        batch["mlm_labels"][b, :t] = torch.from_numpy(s["mlm_labels"])
-        for k in ("features", "locations", "class_probs", "region_mask"):
-            batch[k][b, :n] = torch.from_numpy(s[k])
-    tokens = int((text_lens + region_lens).sum())
-    batch.update(
-        task=samples[0]["task"], text_lens=text_lens, region_lens=region_lens,
-        itm_labels=torch.tensor([s["itm_label"] for s in samples]),
-        pairs=torch.tensor([s["pair"] for s in samples]), images=torch.tensor([s["image"] for s in samples]),
-        num_tokens=tokens, pad_fraction=1 - tokens / (B * int((text_lens + region_lens).max())),
-    )
-    return batch
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def to_device(batch: dict, device, dtype: torch.dtype = torch.float32) -> dict:
+    """The batch on the device; floating tensors (float16 from the shard) cast to dtype there, after the
+    copy, so the host never widens them and the copy moves half the bytes."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point() and v.dtype != dtype:
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+class DeviceFeed:
+    """Batches from a loader, on the device. On CUDA the next batch's copy overlaps the current step:
+    `preload()` (called by the loop once the step's work is queued) takes batch i+1 from the loader
+    (pinned by the DataLoader) and queues its non-blocking copy and cast on a side stream; `next()`
+    makes the compute stream wait for that copy and hands the batch over. On a CPU it only moves
+    (casts) each batch when it is taken."""
+
+    def __init__(self, loader, device, dtype: torch.dtype = torch.float32):
+        self.batches = iter(loader)
+        self.device, self.dtype = torch.device(device), dtype
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.pending = None  # the next batch: on the device (CUDA, copy queued) or on the host (CPU)
+
+    def preload(self) -> float:
+        """Fetch the next batch and queue its copy; returns the seconds spent waiting for the loader."""
+        if self.pending is not None:
+            return 0.0
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        waited = time.perf_counter() - t0
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                batch = to_device(batch, self.device, self.dtype)
+        self.pending = batch
+        return waited
+
+    def next(self) -> tuple[dict, float]:
+        """(the next batch on the device, seconds spent waiting for the loader)."""
+        waited = self.preload()
+        batch, self.pending = self.pending, None
+        if self.stream is None:
+            return to_device(batch, self.device, self.dtype), waited
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for v in batch.values():
+            if torch.is_tensor(v):
+                v.record_stream(current)  # its memory is not reused before the step that reads it is done
+        return batch, waited
 
 
 class TokenBucketSampler:

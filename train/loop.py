@@ -4,9 +4,12 @@ rank); the model returns a dict of named losses for that task and the loop sums 
 - Mixed precision on CUDA: bf16 autocast, or fp16 autocast with a GradScaler (loss scaling; its
   state is checkpointed). fp32 otherwise.
 - DDP: gradients are all-reduced on the last micro-batch of a step only (no_sync before).
-- A non-finite loss stops the run (NonFiniteLoss, naming the step and task) before anything is
-  saved, so the last checkpoint stays a good one. Checked at every report and before every
-  checkpoint, from a flag kept on the device (no per-step GPU sync).
+- A non-finite loss stops the run (NonFiniteLoss, naming the step, the task and the record ids of the
+  batch) before anything is saved, so the last checkpoint stays a good one. Checked at every report
+  and before every checkpoint, from a flag kept on the device (no per-step GPU sync); the ids of the
+  batches since the last check are kept on the host until then.
+- Data: DeviceFeed (data.py) moves each batch to the device, float16 features cast there; on CUDA
+  batch i+1 is fetched and its copy queued on a side stream once step i's work is queued.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 
 import torch
 
-from .data import to_device
+from .data import DeviceFeed
 from .distributed import SINGLE, Dist, gather_tensors
 from .metrics import Logger, Meter
 from .tasks import TASKS
@@ -50,29 +53,40 @@ def train(model, loader, optimizer, scheduler, *, steps: int, start_step: int = 
     logger = logger or Logger(None, d)
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     meter = Meter()
-    batches = iter(loader)
-    # first non-finite loss on this rank: (step, task id), -1 while all is well; stays on the device
-    bad = torch.full((2,), -1, dtype=torch.long, device=device)
+    feed = DeviceFeed(loader, device)
+    # first non-finite loss on this rank: (step, task id, micro-batch), -1 while all is well; on the device
+    bad = torch.full((3,), -1, dtype=torch.long, device=device)
+    recent = {}  # (step, micro-batch) -> the batch's record ids, since the last check
     t_start = time.perf_counter()
 
     def check_finite():
-        flags = torch.stack(gather_tensors(bad, d)).cpu()  # (world, 2)
-        hit = flags[flags[:, 0] >= 0]
-        if len(hit):
-            step, task = hit[hit[:, 0].argmin()].tolist()
+        flags = torch.stack(gather_tensors(bad, d)).cpu()  # (world, 3)
+        ranks = torch.nonzero(flags[:, 0] >= 0).flatten()
+        if len(ranks):
+            rank = int(ranks[flags[ranks, 0].argmin()])
+            step, task, micro = flags[rank].tolist()
             name = list(TASKS)[task]
-            raise NonFiniteLoss(f"step {step}: the {name} loss is not finite (nan or inf); stopping without saving. "
-                                f"The last checkpoint (RUN/checkpoints/latest) is from before it: resume from it with "
-                                f"a lower optim.lr, more optim.warmup_steps, or run.precision=bf16 instead of fp16")
+            ids = recent.get((step, micro))
+            if rank != d.rank or ids is None:
+                where = f" on rank {rank} (its error names the batch's records)"
+            else:
+                shown = list(dict.fromkeys(ids))  # each image once, in batch order
+                where = (f"; the batch held {len(ids)} samples of records {shown[:20]}"
+                         + (f" and {len(shown) - 20} more" if len(shown) > 20 else ""))
+            raise NonFiniteLoss(f"step {step}: the {name} loss is not finite (nan or inf){where}; stopping without "
+                                f"saving. The last checkpoint (RUN/checkpoints/latest) is from before it: resume from "
+                                f"it with a lower optim.lr, more optim.warmup_steps, or run.precision=bf16 instead of "
+                                f"fp16, or leave out the records named if their features are wrong")
+        recent.clear()
 
     model.train()
+    waited = 0.0  # seconds the loop spent waiting for the loader since the last batch was counted
     for step in range(start_step, steps):
         for i in range(accum_steps):
-            t0 = time.perf_counter()
-            batch = next(batches)  # the time spent here is time the model waited for data
-            meter.add_batch(batch, time.perf_counter() - t0)
+            batch, wait = feed.next()  # on the device
+            meter.add_batch(batch, waited + wait)
             task = batch["task"]
-            batch = to_device(batch, device)
+            recent[(step + 1, i)] = batch.get("ids")
             # DDP: all-reduce gradients only once per optimizer step, on its last micro-batch
             sync = contextlib.nullcontext() if not ddp or i == accum_steps - 1 else model.no_sync()
             with sync:
@@ -82,8 +96,11 @@ def train(model, loader, optimizer, scheduler, *, steps: int, start_step: int = 
                 scaler.scale(loss / accum_steps).backward()
             finite = torch.isfinite(loss.detach())
             new = (bad[0] < 0) & ~finite
-            bad = torch.stack([torch.where(new, step + 1, bad[0]), torch.where(new, TASK_IDS[task], bad[1])])
+            bad = torch.stack([torch.where(new, step + 1, bad[0]), torch.where(new, TASK_IDS[task], bad[1]),
+                               torch.where(new, i, bad[2])])
             meter.add_losses(losses)
+            if step + 1 < steps or i + 1 < accum_steps:
+                waited = feed.preload()  # batch i+1 copies while this step's queued work runs
         if grad_clip:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
