@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from train_synth import write_scenes  # noqa: E402
 
 from regionbert.train.config import load_config  # noqa: E402
-from regionbert.train.setup import run  # noqa: E402
+from regionbert.train.run import run  # noqa: E402
 
 
 def main() -> int:

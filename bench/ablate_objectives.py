@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the synthetic scene wri
 from train_synth import write_scenes  # noqa: E402
 
 from regionbert.train.config import load_config  # noqa: E402
-from regionbert.train.setup import run  # noqa: E402
+from regionbert.train.run import run  # noqa: E402
 
 CONFIG = os.path.join(HERE, "..", "configs", "tiny.toml")
 VARIANTS = {

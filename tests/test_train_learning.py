@@ -25,13 +25,14 @@ from regionbert.train.run import build_data, build_model, run
 
 STEPS = 1500
 
-# Open (issue 12): on main this passed with ITM 0.96 because the masked-region zero fill made every MRM
-# step's gradient ~10^4 x too large, so global clipping left those steps (40% of this mix) doing nothing.
-# With the fix, MRC's gradients (larger than ITM's: ITM's pooler and classifier are N(0, 0.02) with no
-# LayerNorm between) set Adam's second moments, and from scratch ITM stayed at chance: measured on this
-# branch, held-out itm_acc 0.547, t2i R@1 0.02, mlm_acc 0.81, mrc_acc 0.43 after 1,500 steps.
-pytestmark = pytest.mark.skip(reason="issue 12 open: ITM stays at chance from scratch once MRM steps train "
-                                     "(see the comment above and README, Pretrain)")
+# Issue 12, open: with the objectives faithful to UNITER, MRM steps train (on the old code the masked-region
+# zero fill made their gradients ~10^4 x too large and global clipping turned them into no-ops), and from
+# scratch ITM stays at chance in this budget: its pooler and classifier start at N(0, 0.02) with no LayerNorm
+# between, so its gradient into the encoder is ~30x weaker than MLM's / MRC's, and Adam's shared second
+# moments give it a few percent of the update it gets alone. What the model does learn across modalities
+# in this run is asserted; the ITM and retrieval figures are expected failures until that is fixed.
+ITM_OPEN = pytest.mark.xfail(reason="issue 12 open: from scratch, ITM stays at chance once MRM steps train",
+                             strict=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,7 @@ def test_run_reports_progress_per_task(trained):
     assert last["samples_per_s"] > 0 and 0 <= last["pad_fraction"] < 0.15
 
 
+@ITM_OPEN
 def test_zero_shot_retrieval_on_held_out_images_beats_chance(trained):
     # the run's own evaluation after its last step: 100 held-out images x their 200 captions, by the ITM head
     log = [json.loads(line) for line in open(os.path.join(trained["cfg"].run.out, "log.jsonl"))]
@@ -92,6 +94,7 @@ def test_zero_shot_retrieval_on_held_out_images_beats_chance(trained):
     assert m["itm_acc"] >= 0.9 and m["mrc_acc"] >= 0.3, m
 
 
+@ITM_OPEN
 def test_itm_accuracy_on_held_out_pairs(trained):
     pairs, dataset = trained["pairs"], trained["dataset"]
     neg = _negatives(pairs)
