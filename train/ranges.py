@@ -68,6 +68,7 @@ RULES = {
     "model.dropout": Float(0, 1, hi_open=True),
     "model.layer_norm_eps": Float(0, 1, lo_open=True),
     "model.region_mask_embedding": BOOL,
+    "model.shared_region_classifier": BOOL,
     # data
     "data.shards": PATHS,
     "data.captions": TEXT,
