@@ -2,12 +2,14 @@
 error and a non-zero exit, never a signal death, a raw lmdb traceback or a hang; a rerun after a full disk
 resumes."""
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -158,6 +160,30 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
+@contextlib.contextmanager
+def _small_disk(folder, how=None):
+    """1 MiB to write in `folder`: a tmpfs mounted there, or (how="file_size_limit", or where mounting is
+    not allowed and how is None) a 1 MiB file size limit for the child. Yields .how, .said (the error a
+    writer must give), .preexec_fn (for the child) and .grow() (room for a rerun); unmounts at the end."""
+    disk = SimpleNamespace(how=how or "tmpfs", preexec_fn=None, grow=lambda: None)
+    if disk.how == "tmpfs":
+        m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                           text=True)
+        if m.returncode and how == "tmpfs":
+            pytest.skip(f"cannot mount a small tmpfs here ({m.stderr.strip()}); file_size_limit covers this")
+        disk.how = "file_size_limit" if m.returncode else "tmpfs"
+    if disk.how == "tmpfs":
+        disk.said = "no space left on device"
+        disk.grow = lambda: subprocess.run(["mount", "-o", "remount,size=16m", str(folder)], check=True)
+    else:
+        disk.said, disk.preexec_fn = "file too large", _limit_file_size
+    try:
+        yield disk
+    finally:
+        if disk.how == "tmpfs":
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 @pytest.mark.parametrize("how", ["tmpfs", "file_size_limit"])
 def test_a_full_disk_is_a_clear_error_and_a_rerun_resumes(tmp_path, how):
     n = 300
@@ -166,24 +192,17 @@ def test_a_full_disk_is_a_clear_error_and_a_rerun_resumes(tmp_path, how):
     disk = tmp_path / "disk"
     disk.mkdir()
     shard = str(disk / "shard")
-    if how == "tmpfs":
-        m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
-                           text=True)
-        if m.returncode:
-            pytest.skip(f"cannot mount a small tmpfs here ({m.stderr.strip()}); file_size_limit covers this")
-    try:
-        r = _run("-c", WRITE, shard, str(n), preexec_fn=_limit_file_size if how != "tmpfs" else None)
+    with _small_disk(disk, how) as small:
+        r = _run("-c", WRITE, shard, str(n), preexec_fn=small.preexec_fn)
         assert r.returncode == 2, r.stderr
-        said = "no space left on device" if how == "tmpfs" else "file too large"
-        assert f"error: {shard}: {said} while committing records" in r.stderr and "Traceback" not in r.stderr
+        assert f"error: {shard}: {small.said} while committing records" in r.stderr and "Traceback" not in r.stderr
         assert "rerun the same command to resume" in r.stderr or "rerun with a higher limit" in r.stderr
         # what was committed before is intact
         v = _run("-m", "regionbert.data.cli", "verify", "-q", shard)
         committed = int(v.stdout.split(": ")[1].split("/")[0])
         assert 16 <= committed < n and committed % 16 == 0, v.stdout
         assert v.returncode == 1 and "0 bad" in v.stdout and "incomplete" in v.stdout, v.stdout
-        if how == "tmpfs":
-            subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        small.grow()
         r = _run("-c", WRITE, shard, str(n))  # the same command again, with room
         assert r.returncode == 0, r.stderr
         v = _run("-m", "regionbert.data.cli", "verify", "-q", shard)
@@ -191,9 +210,6 @@ def test_a_full_disk_is_a_clear_error_and_a_rerun_resumes(tmp_path, how):
         # resumed, not restarted or duplicated: the same content as one uninterrupted run
         h = _run("-c", f"from regionbert.data import content_hash; print(content_hash({shard!r}))")
         assert h.stdout.strip() == content_hash(reference)
-    finally:
-        if how == "tmpfs":
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_an_import_that_fills_the_disk_stops_instead_of_skipping_rows(tmp_path):
@@ -208,25 +224,18 @@ def test_an_import_that_fills_the_disk_stops_instead_of_skipping_rows(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     shard = str(disk / "shard")
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    how = "file_size_limit" if m.returncode else "tmpfs"
     cmd = [*cli, "import", h5, "-o", shard, "-q", "-j", "1", "--commit-every", "16", "--on-error", "skip",
            "--report", str(tmp_path / "report.jsonl")]
-    try:
-        r = _run(*cmd, preexec_fn=_limit_file_size if how != "tmpfs" else None)
-        said = "no space left on device" if how == "tmpfs" else "file too large"
-        assert r.returncode == 2 and f"error: {shard}: {said}" in r.stderr, r.stderr
+    with _small_disk(disk) as small:
+        r = _run(*cmd, preexec_fn=small.preexec_fn)
+        assert r.returncode == 2 and f"error: {shard}: {small.said}" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "report.jsonl")
-        if how == "tmpfs":
-            subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        small.grow()
         r = _run(*cmd)
         assert r.returncode == 0 and "0 bad rows skipped" in r.stdout, r.stdout + r.stderr
         assert "already there" in r.stdout and " 0 already there" not in r.stdout  # resumed
         h = _run("-c", f"from regionbert.data import content_hash; print(content_hash({shard!r}))")
         assert h.stdout.strip() == content_hash(src)
-    finally:
-        if how == "tmpfs":
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_an_extraction_that_fills_the_disk_stops(tmp_path):
@@ -241,24 +250,18 @@ def test_an_extraction_that_fills_the_disk_stops(tmp_path):
         Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
     out = tmp_path / "disk"
     out.mkdir()
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], capture_output=True)
-    how = "file_size_limit" if m.returncode else "tmpfs"
     cmd = ["-m", "regionbert.extract.cli", str(images), "-o", str(out), "--weights", "none", "--detector",
            "mobilenet_v3_large_320_fpn", "--min-size", "96", "--max-size", "128", "--workers", "0",
            "--batch-size", "4", "--commit-every", "4", "--boxes-per-image", "36", "-q"]  # ~75 KB an image
     shard = str(out / "shard-00000-of-00001")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    try:
-        r = _run(*cmd, env=env, preexec_fn=_limit_file_size if how != "tmpfs" else None)
-        said = "no space left on device" if how == "tmpfs" else "file too large"
-        assert r.returncode == 2 and f"{shard}: {said}" in r.stderr, r.stdout + r.stderr
+    with _small_disk(out) as small:
+        r = _run(*cmd, env=env, preexec_fn=small.preexec_fn)
+        assert r.returncode == 2 and f"{shard}: {small.said}" in r.stderr, r.stdout + r.stderr
         assert "Traceback" not in r.stderr
         failures = out / "shard-00000-of-00001.failures.jsonl"
-        assert not failures.exists() or said not in failures.read_text()
+        assert not failures.exists() or small.said not in failures.read_text()
         # what was committed is intact (resuming it is the writer's, tested above)
         v = _run("-m", "regionbert.data.cli", "verify", "-q", shard)
         committed = int(v.stdout.split(": ")[1].split("/")[0])
         assert 4 <= committed < 20 and "0 bad" in v.stdout and "incomplete" in v.stdout, v.stdout
-    finally:
-        if how == "tmpfs":
-            subprocess.run(["umount", "-l", str(out)], capture_output=True)
