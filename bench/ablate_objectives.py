@@ -1,7 +1,7 @@
 """Ablation of the pretraining objectives: the same tiny model on the same data, UNITER's default recipe
 against one change at a time, a few seeds each.
 
-    python bench/ablate_objectives.py                      # 4 variants x 3 seeds, configs/tiny.toml
+    python bench/ablate_objectives.py --jobs 2              # 4 variants x 3 seeds, configs/tiny.toml
     python bench/ablate_objectives.py --seeds 1 --steps 5 --images 60  # a smoke run
 
 Variants (everything else as configs/tiny.toml: the default task mix and loss weights):
@@ -11,9 +11,10 @@ Variants (everything else as configs/tiny.toml: the default task mix and loss we
 - no_mrc_kl:    MRC-kl's share of the mix removed (the other ratios keep theirs)
 
 Data: the independent synthetic scenes of tests/train_synth.py (write_scenes; not regionbert.data.synth),
-held-out split judged at the end by the run's own evaluation: ITM accuracy, masked-word accuracy,
-masked-region class accuracy and zero-shot retrieval R@1 over 100 held-out images.
-Writes bench/out/ablate/results.json, table.md (mean +- std over seeds) and ablation.png.
+held-out split judged by the run's own evaluation every 500 steps and at the end: ITM accuracy,
+masked-word accuracy, masked-region class accuracy and zero-shot retrieval R@1 over 100 held-out images.
+Writes bench/out/ablate/results.json, table.md (mean +- std over seeds at the end) and ablation.png
+(the final figures per run, and held-out ITM accuracy over steps, mean over seeds).
 """
 
 from __future__ import annotations
@@ -47,20 +48,28 @@ VARIANTS = {
 METRICS = ["itm_acc", "mlm_acc", "mrc_kl_acc", "t2i_r1", "i2t_r1"]
 
 
-def train_one(variant: str, seed: int, paths: dict, out: str, steps: int | None) -> dict:
+def train_one(variant: str, seed: int, paths: dict, out: str, steps: int | None, threads: int = 1) -> dict:
+    torch.set_num_threads(threads)
     folder = os.path.join(out, "runs", f"{variant}-seed{seed}")
     shutil.rmtree(folder, ignore_errors=True)
     overrides = [f"data.{k}={v}" for k, v in paths.items()] + VARIANTS[variant] + [
         f"run.out={folder}", f"run.seed={seed}", "run.checkpoint_every=0", "data.num_workers=0", "run.plot=false",
-        "run.tensorboard=false", "run.eval_every=0", "run.eval_images=100", "run.eval_pairs=600"]
+        "run.tensorboard=false", "run.eval_every=500", "run.eval_images=100", "run.eval_pairs=600"]
     if steps:
         overrides.append(f"optim.steps={steps}")
     cfg = load_config(CONFIG, overrides)
     t = time.perf_counter()
     run(cfg, print_fn=lambda *a, **k: None)
     log = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
-    m = [r for r in log if "eval" in r][-1]["eval"]
-    return {"variant": variant, "seed": seed, "seconds": time.perf_counter() - t, **{k: m.get(k) for k in METRICS}}
+    evals = [r for r in log if "eval" in r]
+    m = evals[-1]["eval"]
+    by_step = {r["step"]: r["eval"] for r in evals}  # one per step
+    curve = [[k, e.get("itm_acc"), e.get("t2i_r1")] for k, e in sorted(by_step.items())]
+    result = {"variant": variant, "seed": seed, "steps": cfg.optim.steps, "seconds": time.perf_counter() - t,
+              **{k: m.get(k) for k in METRICS}, "curve": curve}
+    with open(os.path.join(folder, "result.json"), "w") as f:
+        json.dump(result, f)
+    return result
 
 
 def table(rows: list[dict]) -> str:
@@ -83,9 +92,19 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2))
+    fig, axes = plt.subplots(1, len(METRICS) + 1, figsize=(3.2 * (len(METRICS) + 1), 3.4))
     names = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-    for ax, k in zip(axes, METRICS, strict=True):
+    ax = axes[-1]  # held-out ITM accuracy over steps, mean over seeds
+    for v in names:
+        curves = [r["curve"] for r in rows if r["variant"] == v]
+        n = min(len(c) for c in curves)
+        steps = [c[0] for c in curves[0][:n]]
+        ax.plot(steps, np.mean([[c[1] for c in cur[:n]] for cur in curves], axis=0), marker="o", ms=3, label=v)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_title("itm_acc over steps")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    for ax, k in zip(axes[:-1], METRICS, strict=True):
         for i, v in enumerate(names):
             vals = [r[k] for r in rows if r["variant"] == v and r[k] is not None]
             ax.scatter([i] * len(vals), vals, s=14, alpha=0.7)
@@ -100,10 +119,14 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    p.add_argument("--only-new", action="store_true", help="keep the runs already in OUT/runs with the same "
+                   "steps (their result.json) and train only the missing ones")
     p.add_argument("--steps", type=int, default=0, help="optim.steps (0: the config's)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--images", type=int, default=1500, help="training scenes (plus 300 held out)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (separate processes)")
     p.add_argument("--out", default=os.path.join(HERE, "out", "ablate"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,12 +135,23 @@ def main() -> int:
         write_scenes(data, args.images, 300, seed=0)
     paths = {"shards": os.path.join(data, "scenes"), "captions": os.path.join(data, "captions.csv"),
              "tokenizer": os.path.join(data, "vocab.txt")}
+    from joblib import Parallel, delayed
+
+    todo = [(v, seed) for seed in range(args.first_seed, args.first_seed + args.seeds) for v in args.variants]
     rows = []
-    for seed in range(args.seeds):
-        for v in args.variants:
-            r = train_one(v, seed, paths, args.out, args.steps or None)
-            print(json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in r.items()}), flush=True)
-            rows.append(r)
+    if args.only_new:
+        for v, seed in list(todo):
+            done = os.path.join(args.out, "runs", f"{v}-seed{seed}", "result.json")
+            if os.path.exists(done):
+                r = json.load(open(done))
+                if r["steps"] == (args.steps or load_config(CONFIG).optim.steps):
+                    rows.append(r)
+                    todo.remove((v, seed))
+    for r in Parallel(n_jobs=args.jobs, return_as="generator")(
+            delayed(train_one)(v, seed, paths, args.out, args.steps or None, args.threads) for v, seed in todo):
+        print(json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in r.items() if k != "curve"}),
+              flush=True)
+        rows.append(r)
     md = table(rows)
     print(md)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -41,7 +41,7 @@ class TaskConfig:
     masking: str = "conditional"  # or "joint"
     mask_prob: float = 0.15
     itm_neg_prob: float = 0.5
-    itm_neg_window: int = 100  # negatives come from the images nearest in box count (0: any image)
+    itm_neg_window: int = 0  # 0: negatives from any image (UNITER); N: from the 2N images nearest in box count
     wra_weight: float = 0.1  # 0 turns word-region alignment off
     wra_iterations: int = 50
     wra_beta: float = 0.5

@@ -343,9 +343,12 @@ class TaskSampler:
     """An endless stream of batches of dataset keys (task, pair, other_image, seed), one task per batch.
 
     mix: {task: ratio}; a batch's task is drawn with these probabilities. In an ITM batch each pair's
-    image is swapped for another image with probability itm_neg_prob, drawn uniformly from the
-    neg_window images nearest in box count on either side (0: from all images). Matching box counts
-    keeps batches tight, and denies the model a shortcut: a negative's box count says nothing.
+    image is swapped for another image with probability itm_neg_prob, drawn uniformly from all other
+    images (neg_window 0, UNITER's data/itm.py), or from the neg_window images nearest in box count on
+    either side: tighter ITM batches, and a negative's box count then says nothing. That option is
+    not the default because it is harder to start from: from scratch with the default mix (bench/
+    ablate_itm_plateau.py) ITM left chance by step 800 with any image as negative, and was still at
+    chance at step 1,000 with a window of 100.
     skip: batches to pass over (to resume a run where it stopped).
 
     Distributed: an epoch's batches are dealt out in groups of world_size, batch g * world_size + rank
@@ -355,7 +358,7 @@ class TaskSampler:
     On one process this is the same stream as before sharding existed."""
 
     def __init__(self, buckets: TokenBucketSampler, pairs: Pairs, mix: dict, seed: int = 0,
-                 itm_neg_prob: float = 0.5, neg_window: int = 100, skip: int = 0, rank: int = 0,
+                 itm_neg_prob: float = 0.5, neg_window: int = 0, skip: int = 0, rank: int = 0,
                  world_size: int = 1):
         self.tasks = [t for t, r in mix.items() if r > 0]
         if not self.tasks:
