@@ -1,10 +1,11 @@
 """How long ITM stays at chance: configs/tiny.toml on the independent synthetic scenes, held-out accuracy
-every --eval-every steps (the measurements behind README's "Open" note, issue 12).
+every run.eval_every steps (issue 12). The runs behind README's Proof of learning (ITM negatives among the
+200 images nearest in box count vs from any image, UNITER's and now the default):
 
-    python bench/ablate_itm_plateau.py default 600 model.hidden_size=64 model.intermediate_size=256 \\
-        model.max_text_len=24 data.token_budget=1024 run.eval_every=100 run.log_every=50 run.eval_images=0 \\
-        run.eval_pairs=200
-    python bench/ablate_itm_plateau.py itm_only 600 ...the same... 'tasks.mix={"itm":1}'
+    python bench/ablate_itm_plateau.py window100 1000 tasks.itm_neg_window=100 run.eval_every=200 \
+        run.log_every=100 run.eval_pairs=400
+    python bench/ablate_itm_plateau.py any_image 1000 run.eval_every=200 run.log_every=100 run.eval_pairs=400
+    python bench/ablate_itm_plateau.py itm_only 600 'tasks.mix={"itm":1}'
 
 Arguments: a run name, optim.steps, then any --set style overrides. Prints the training losses and the
 held-out accuracies per report; runs go to bench/out/itm_plateau/NAME.
