@@ -370,3 +370,20 @@ def test_adamw_keeps_moving_a_trained_parameter_on_steps_without_its_gradient_as
             after_its_own_step = head.detach().clone()
     assert (head.detach() - after_its_own_step).abs().min() > 1e-3  # moved on steps 1-3 (momentum)
     assert torch.equal(fresh.detach(), fresh_before)  # no state, no gradient: untouched
+
+
+def test_scaled_itm_head_redraws_only_the_pooler_and_itm_classifier():
+    cfg = dataclasses.replace(CFG, vocab_size=200, hidden_size=128, num_heads=4, intermediate_size=256,
+                              num_classes=91)
+    torch.manual_seed(0)
+    bert = Pretrainer(cfg).state_dict()
+    torch.manual_seed(0)
+    scaled = Pretrainer(dataclasses.replace(cfg, scaled_itm_head=True))
+    changed = {k for k, v in scaled.state_dict().items() if not torch.equal(v, bert[k])}
+    assert changed == {"encoder.pooler.weight", "heads.itm.classify.weight"}, changed
+    for w in (scaled.encoder.pooler.weight, scaled.heads["itm"].classify.weight):
+        assert abs(float(w.std()) * 128 ** 0.5 - 1) < 0.15
+    # so ITM's gradient reaches the encoder several times stronger than from two N(0, 0.02) layers
+    weak, strong = _gradient_norms(cfg)["itm"], _gradient_norms(dataclasses.replace(cfg, scaled_itm_head=True))["itm"]
+    print(f"ITM gradient norm at initialisation: {weak:.4f} (0.02), {strong:.4f} (1/sqrt(hidden))")
+    assert strong > 3 * weak

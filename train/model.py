@@ -14,9 +14,11 @@ is not:
   MRFR regressor tied to the transpose of the region feature projection (`feature.weight`) plus its
   own bias; one region classifier shared by MRC and MRC-kl; ITM on the pooled [CLS]; WRA by IPOT over
   every text token ([CLS] and [SEP] included) and every region.
-- Named options, not UNITER's defaults: `region_mask_embedding = false` feeds the zero vector alone
-  (beware: with the feature bias at zero, LayerNorm of that constant vector back-propagates with a gain
-  of about 1/sqrt(eps), which makes MRFR / MRC gradients 10^4 times MLM's at initialisation);
+- Named options, not UNITER's defaults: `scaled_itm_head = true` draws the pooler and the ITM
+  classifier at std 1/sqrt(hidden) instead of 0.02 (for training from scratch);
+  `region_mask_embedding = false` feeds the zero vector alone (beware: with the feature bias at zero,
+  LayerNorm of that constant vector back-propagates with a gain of about 1/sqrt(eps), which makes MRFR /
+  MRC gradients 10^4 times MLM's at initialisation);
   `shared_region_classifier = false` gives MRC and MRC-kl a head each.
 - Implemented differently, same function: one fused qkv matrix, and text + regions packed without
   holes (UNITER gathers them the same way; the outputs are the same).
@@ -53,6 +55,10 @@ class ModelConfig:
     # a masked region's feature: zeros + a learned mask embedding (UNITER); False: the zeros alone
     region_mask_embedding: bool = True
     shared_region_classifier: bool = True  # MRC and MRC-kl share one classifier (UNITER); False: one each
+    # ITM's pooler and classifier drawn at std 1/sqrt(hidden_size) instead of BERT's 0.02 (not UNITER's:
+    # UNITER's pooler comes from BERT). From scratch it gets ITM off its ln 2 plateau sooner (README, Proof
+    # of learning); run.init_from then loads BERT's pooler over it
+    scaled_itm_head: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
