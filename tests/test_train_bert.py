@@ -129,6 +129,8 @@ def test_run_starts_from_a_bert_folder(tmp_path):
     assert torch.equal(w["encoder.text_embeddings.word.weight"], hf.embeddings.word_embeddings.weight)
     q = hf.encoder.layer[1].attention.self.query.weight
     assert torch.equal(w["encoder.layers.1.attn.qkv.weight"][:32], q)
+    assert torch.equal(w["encoder.pooler.weight"], hf.pooler.dense.weight)  # BERT's pooler, ITM's classifier
+    assert state["config"]["model"]["itm_head_init"] == "bert" and float(w["heads.itm.classify.weight"].std()) < 0.03
     (bert / "vocab.txt").write_text("\n".join(vocab[:-1]) + "\n")
     with pytest.raises(ValueError, match=f"has {len(vocab) - 1} tokens but the BERT in run.init_from"):
         run(load_config(None, overrides), print_fn=lambda *a, **k: None)

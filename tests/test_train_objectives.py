@@ -191,11 +191,13 @@ def test_per_task_gradient_norms_at_initialisation_are_comparable(feature_dim):
     # init) and back-propagated with a gain of 1/sqrt(eps): MRFR / MRC / MRC-kl gradient norms were
     # 10^4 x MLM's, and global clipping then shrank every other gradient of those steps by 10^-4.
     cfg = dataclasses.replace(CFG, vocab_size=200, hidden_size=128, num_heads=4, intermediate_size=256,
-                              feature_dim=feature_dim, num_classes=91, dropout=0.1)
+                              feature_dim=feature_dim, num_classes=91, dropout=0.1, itm_head_init="bert")
     norms = _gradient_norms(cfg)
     print({k: round(v, 4) for k, v in norms.items()})
     assert all(math.isfinite(v) and v > 0 for v in norms.values()), norms
     assert max(norms.values()) <= 10 * norms["mlm"], norms  # was 10^4 x
+    scaled = _gradient_norms(dataclasses.replace(cfg, itm_head_init="auto"))  # the default from scratch
+    assert norms["itm"] < scaled["itm"] <= 10 * scaled["mlm"], scaled
     # UNITER's own reductions set the spread: MRC-kl is averaged over 91 classes, and ITM's signal into
     # the encoder is weak while matching and mismatching pairs still look alike
     assert max(norms.values()) <= 1000 * min(norms.values()), norms
@@ -374,16 +376,19 @@ def test_adamw_keeps_moving_a_trained_parameter_on_steps_without_its_gradient_as
 
 def test_scaled_itm_head_redraws_only_the_pooler_and_itm_classifier():
     cfg = dataclasses.replace(CFG, vocab_size=200, hidden_size=128, num_heads=4, intermediate_size=256,
-                              num_classes=91)
+                              num_classes=91, itm_head_init="bert")
     torch.manual_seed(0)
     bert = Pretrainer(cfg).state_dict()
-    torch.manual_seed(0)
-    scaled = Pretrainer(dataclasses.replace(cfg, scaled_itm_head=True))
-    changed = {k for k, v in scaled.state_dict().items() if not torch.equal(v, bert[k])}
-    assert changed == {"encoder.pooler.weight", "heads.itm.classify.weight"}, changed
-    for w in (scaled.encoder.pooler.weight, scaled.heads["itm"].classify.weight):
-        assert abs(float(w.std()) * 128 ** 0.5 - 1) < 0.15
+    for init in ("scaled", "auto"):  # from scratch, "auto" (the default) is "scaled"
+        torch.manual_seed(0)
+        scaled = Pretrainer(dataclasses.replace(cfg, itm_head_init=init))
+        changed = {k for k, v in scaled.state_dict().items() if not torch.equal(v, bert[k])}
+        assert changed == {"encoder.pooler.weight", "heads.itm.classify.weight"}, (init, changed)
+        for w in (scaled.encoder.pooler.weight, scaled.heads["itm"].classify.weight):
+            assert abs(float(w.detach().std()) * 128 ** 0.5 - 1) < 0.15
     # so ITM's gradient reaches the encoder several times stronger than from two N(0, 0.02) layers
-    weak, strong = _gradient_norms(cfg)["itm"], _gradient_norms(dataclasses.replace(cfg, scaled_itm_head=True))["itm"]
+    weak, strong = _gradient_norms(cfg)["itm"], _gradient_norms(dataclasses.replace(cfg, itm_head_init="scaled"))["itm"]
     print(f"ITM gradient norm at initialisation: {weak:.4f} (0.02), {strong:.4f} (1/sqrt(hidden))")
     assert strong > 3 * weak
+    with pytest.raises(ValueError, match="itm_head_init"):
+        dataclasses.replace(cfg, itm_head_init="large")

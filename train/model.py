@@ -14,9 +14,10 @@ is not:
   MRFR regressor tied to the transpose of the region feature projection (`feature.weight`) plus its
   own bias; one region classifier shared by MRC and MRC-kl; ITM on the pooled [CLS]; WRA by IPOT over
   every text token ([CLS] and [SEP] included) and every region.
-- Named options, not UNITER's defaults: `scaled_itm_head = true` draws the pooler and the ITM
-  classifier at std 1/sqrt(hidden) instead of 0.02 (for training from scratch);
-  `region_mask_embedding = false` feeds the zero vector alone (beware: with the feature bias at zero,
+- Not UNITER's, for training from scratch only (UNITER always starts from BERT): without
+  `run.init_from`, the pooler and the ITM classifier are drawn at std 1/sqrt(hidden) instead of 0.02
+  (`itm_head_init = "auto"`; "bert" keeps 0.02 from scratch too). With `run.init_from` they are UNITER's.
+- Named options, not UNITER's defaults: `region_mask_embedding = false` feeds the zero vector alone (beware: with the feature bias at zero,
   LayerNorm of that constant vector back-propagates with a gain of about 1/sqrt(eps), which makes MRFR /
   MRC gradients 10^4 times MLM's at initialisation);
   `shared_region_classifier = false` gives MRC and MRC-kl a head each.
@@ -55,10 +56,10 @@ class ModelConfig:
     # a masked region's feature: zeros + a learned mask embedding (UNITER); False: the zeros alone
     region_mask_embedding: bool = True
     shared_region_classifier: bool = True  # MRC and MRC-kl share one classifier (UNITER); False: one each
-    # ITM's pooler and classifier drawn at std 1/sqrt(hidden_size) instead of BERT's 0.02 (not UNITER's:
-    # UNITER's pooler comes from BERT). From scratch it gets ITM off its ln 2 plateau sooner (README, Proof
-    # of learning); run.init_from then loads BERT's pooler over it
-    scaled_itm_head: bool = False
+    # ITM's pooler and classifier at init: "bert" N(0, 0.02) (UNITER's, whose pooler then comes from BERT);
+    # "scaled" N(0, 1/hidden_size), which from scratch gets ITM off its ln 2 plateau in every seed measured
+    # (README, Proof of learning); "auto": "bert" with run.init_from, "scaled" without
+    itm_head_init: str = "auto"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -66,6 +67,8 @@ class ModelConfig:
                              f"{self.num_heads}")
         if self.loc_dim not in (5, 7):
             raise ValueError(f"model.loc_dim must be 5 or 7, got {self.loc_dim}")
+        if self.itm_head_init not in ("auto", "bert", "scaled"):
+            raise ValueError(f"model.itm_head_init must be auto, bert or scaled, got {self.itm_head_init!r}")
 
 
 class SelfAttention(nn.Module):

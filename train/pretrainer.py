@@ -20,7 +20,8 @@ class Pretrainer(nn.Module):
             "itm": TASKS["itm"](cfg, self.encoder, wra_weight, wra_iterations, wra_beta)})
         assert set(self.heads) == set(TASKS)
         self.heads.apply(init_weights)  # Linear / LayerNorm modules only: not the tied MLM and MRFR weights
-        if cfg.scaled_itm_head:  # (C, C) and (2, C) at std 1/sqrt(C): ITM's gradient reaches the encoder unshrunk
+        if cfg.itm_head_init in ("scaled", "auto"):  # "auto" is resolved to "bert" by run.init_from (train/run.py)
+            # (C, C) and (2, C) at std 1/sqrt(C): ITM's gradient reaches the encoder unshrunk
             for w in (self.encoder.pooler.weight, self.heads["itm"].classify.weight):
                 nn.init.normal_(w, std=cfg.hidden_size ** -0.5)
 

@@ -69,7 +69,7 @@ RULES = {
     "model.layer_norm_eps": Float(0, 1, lo_open=True),
     "model.region_mask_embedding": BOOL,
     "model.shared_region_classifier": BOOL,
-    "model.scaled_itm_head": BOOL,
+    "model.itm_head_init": NAME,  # auto / bert / scaled: ModelConfig says which
     # data
     "data.shards": PATHS,
     "data.captions": TEXT,

@@ -75,6 +75,9 @@ def apply_init_from(cfg: Config) -> list[str]:
     if not cfg.run.init_from:
         return []
     changed = apply_bert_config(cfg.model, cfg.run.init_from)
+    if cfg.model.itm_head_init == "auto":  # BERT's pooler is loaded; the ITM classifier at 0.02 (UNITER)
+        cfg.model.itm_head_init = "bert"
+        changed.append("model.itm_head_init: auto -> bert")
     if not cfg.data.tokenizer:
         found = bert_tokenizer(cfg.run.init_from)
         if not found:
