@@ -17,9 +17,9 @@ is not:
 - Not UNITER's, for training from scratch only (UNITER always starts from BERT): without
   `run.init_from`, the pooler and the ITM classifier are drawn at std 1/sqrt(hidden) instead of 0.02
   (`itm_head_init = "auto"`; "bert" keeps 0.02 from scratch too). With `run.init_from` they are UNITER's.
-- Named options, not UNITER's defaults: `region_mask_embedding = false` feeds the zero vector alone (beware: with the feature bias at zero,
-  LayerNorm of that constant vector back-propagates with a gain of about 1/sqrt(eps), which makes MRFR /
-  MRC gradients 10^4 times MLM's at initialisation);
+- Named options, not UNITER's defaults: `region_mask_embedding = false` feeds the zero vector alone
+  (beware: with the feature bias at zero, LayerNorm of that constant vector back-propagates with a gain
+  of about 1/sqrt(eps), which makes MRFR / MRC gradients 10^4 times MLM's at initialisation);
   `shared_region_classifier = false` gives MRC and MRC-kl a head each.
 - Implemented differently, same function: one fused qkv matrix, and text + regions packed without
   holes (UNITER gathers them the same way; the outputs are the same).
