@@ -48,7 +48,8 @@ VARIANTS = {
 METRICS = ["itm_acc", "mlm_acc", "mrc_kl_acc", "t2i_r1", "i2t_r1"]
 
 
-def train_one(variant: str, seed: int, paths: dict, out: str, steps: int | None, threads: int = 1) -> dict:
+def train_one(variant: str, seed: int, paths: dict, out: str, steps: int | None, threads: int = 1,
+              extra: tuple = ()) -> dict:
     torch.set_num_threads(threads)
     folder = os.path.join(out, "runs", f"{variant}-seed{seed}")
     shutil.rmtree(folder, ignore_errors=True)
@@ -57,7 +58,7 @@ def train_one(variant: str, seed: int, paths: dict, out: str, steps: int | None,
         "run.tensorboard=false", "run.eval_every=500", "run.eval_images=100", "run.eval_pairs=600"]
     if steps:
         overrides.append(f"optim.steps={steps}")
-    cfg = load_config(CONFIG, overrides)
+    cfg = load_config(CONFIG, overrides + list(extra))
     t = time.perf_counter()
     run(cfg, print_fn=lambda *a, **k: None)
     log = [json.loads(line) for line in open(os.path.join(folder, "log.jsonl"))]
@@ -128,6 +129,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (separate processes)")
     p.add_argument("--out", default=os.path.join(HERE, "out", "ablate"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (e.g. model.itm_head_init=bert); repeatable")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = os.path.join(args.out, f"scenes-{args.images}")
@@ -148,7 +151,8 @@ def main() -> int:
                     rows.append(r)
                     todo.remove((v, seed))
     for r in Parallel(n_jobs=args.jobs, return_as="generator")(
-            delayed(train_one)(v, seed, paths, args.out, args.steps or None, args.threads) for v, seed in todo):
+            delayed(train_one)(v, seed, paths, args.out, args.steps or None, args.threads, tuple(args.set))
+            for v, seed in todo):
         print(json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in r.items() if k != "curve"}),
               flush=True)
         rows.append(r)
