@@ -30,7 +30,9 @@ def finetune_parser(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=26)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, help="default: 0.02 x batch size / 16 (torchvision's recipe)")
+    p.add_argument("--lr", type=float, help="default: 0.02 x batch size / 16 (torchvision's recipe); adamw: 1e-3")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                   help="sgd: torchvision's recipe (from COCO weights); adamw: a small detector from random weights")
     p.add_argument("--lr-steps", type=int, nargs="+", help="epochs where lr drops 10x (default: 16/26, 22/26 of them)")
     p.add_argument("--warmup-steps", type=int, help="default: min(1000, steps per epoch - 1)")
     p.add_argument("--momentum", type=float, default=0.9)
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
         parser.error("--val-fraction must be in [0, 1)")
     cfg = FinetuneConfig(annotations=a.annotations, images=a.images, out=a.out, detector=a.detector,
                          weights=a.weights, val_annotations=a.val_annotations, val_fraction=a.val_fraction,
-                         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+                         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, momentum=a.momentum,
                          weight_decay=a.weight_decay, lr_steps=a.lr_steps, warmup_steps=a.warmup_steps,
                          min_size=a.min_size, max_size=a.max_size, flip=a.flip, eval_every=a.eval_every,
                          checkpoint_every=a.checkpoint_every, resume=a.resume, seed=a.seed, workers=a.workers,

@@ -65,7 +65,8 @@ def test_finetune_cli_then_extract_uses_its_classes(shapes, tmp_path):
 def test_resume_after_kill_gives_the_uninterrupted_weights(shapes, tmp_path):
     args = [sys.executable, "-m", "regionbert.extract.detector_cli", "finetune", shapes["boxes_train"],
             "--images", shapes["images"], "--detector", "tiny_shapes", "--weights", "none", "--epochs", "3",
-            "--batch-size", "2", "--val-fraction", "0", "--workers", "0", "--checkpoint-every", "1", "-q"]
+            "--batch-size", "2", "--val-fraction", "0", "--workers", "0", "--checkpoint-every", "1", "-q",
+            "--optimizer", "adamw"]  # AdamW's moments resume too (the quickstart's optimizer)
     straight = tmp_path / "straight"
     r = subprocess.run([*args, "-o", str(straight)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -84,6 +85,9 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(shapes, tmp_path):
     assert 3 <= at < 12, at  # stopped in the middle (12 steps in all)
     again = subprocess.run([*args, "-o", str(killed)], capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently starts over
+    other = subprocess.run([*args[:-2], "--optimizer", "sgd", "-o", str(killed), "--resume"], capture_output=True,
+                           text=True)
+    assert other.returncode == 2 and "optimizer was 'adamw', now 'sgd'" in other.stderr
     r = subprocess.run([*args, "-o", str(killed), "--resume"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming {ckpt} at step {at}" in r.stdout
