@@ -1,7 +1,11 @@
 """Sample data the project makes itself: pictures of coloured shapes, captions naming them, a vocabulary.
 
-Each image holds one to three objects (a colour and a shape) on a textured background; its captions
-say which, in varied words. No downloads: everything is drawn here from a seed.
+Each image holds one to three objects (a colour and a shape) on a textured background; each caption
+lists them in a random order ("a red circle and a blue square"). No filler words: a masked caption word
+is then almost always a colour or a shape, which only the image can tell, so masked language modelling
+itself teaches the model to look at the regions (with template sentences around the objects, the same
+pretraining stayed at chance on image-text matching for 900 steps even on perfect region features;
+listing the objects alone, 0.91 after 600). No downloads: everything is drawn here from a seed.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from PIL import Image, ImageDraw
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
           "purple": (140, 50, 170), "orange": (245, 140, 30)}
 SHAPES = ("circle", "square", "triangle")
-TEMPLATES = ("a photo of {}", "there is {} in the picture", "{} on a grey background", "a picture showing {}",
-             "we can see {} here")
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -68,8 +70,7 @@ def coco_json(entries: list[tuple[str, int, int, list]], path: str) -> None:
 
 def caption(objects: list[str], rng: np.random.Generator) -> str:
     names = [f"a {o}" for o in rng.permutation(objects)]
-    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(listed)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def write_sample_data(folder: str, num_images: int = 96, val_fraction: float = 0.25, captions_per_image: int = 2,

@@ -1,23 +1,58 @@
-"""The README's first command, small: the whole pipeline on generated sample data in a subprocess."""
+"""The README's first command, as a user runs it (a subprocess, default settings, offline): a detector
+fine-tuned on the sample boxes, regions extracted with it, the default pretraining recipe, and held-out
+figures well above chance. THE end-to-end learning test."""
 
 import json
 import subprocess
 
+import numpy as np
+import pytest
 from PIL import Image
 
+from regionbert.data import ShardReader
 
-def test_quickstart_runs_the_whole_pipeline(tmp_path):
+
+def test_quickstart_learns_on_held_out_images(tmp_path):
     out = tmp_path / "qs"
-    r = subprocess.run(["regionbert-quickstart", "--out", str(out), "--images", "24", "--steps", "20",
-                        "--workers", "1"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "RANDOM weights" in r.stdout  # honest about the offline detector
+    r = subprocess.run(["regionbert-quickstart", "--out", str(out)], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["records"] == 24 and summary["failed"] == 0 and summary["content_hash"].startswith("xxh3_128:")
-    assert set(summary["eval"]) >= {"itm_acc", "mlm_acc", "t2i_r1", "i2t_r10"}
-    assert (out / "run" / "curves.png").stat().st_size > 10_000  # the training curves, drawn
+    assert summary["records"] == 800 and summary["failed"] == 0 and summary["content_hash"].startswith("xxh3_128:")
+
+    # the detector: fine-tuned on the training images' boxes, judged on the held-out ones
+    det = summary["detector_heldout"]
+    assert det["images"] == 200, det
+    assert det["recall50"] >= 0.8 and det["map50"] >= 0.4, det  # measured 0.98 and 0.65 (stride 16, SGD: 0.80 and 0.13)
+    reader = ShardReader(summary["shard"])
+    names = reader.meta["class_names"]
+    assert names[0] == "__background__" and "red circle" in names and len(names) == 19
+    assert reader.meta["extractor"]["detector"] == "torchvision.fasterrcnn_tiny_shapes"
+    feats = np.concatenate([reader[i].features[:4].astype(np.float32) for i in range(8)])
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    assert (f @ f.T)[~np.eye(len(f), dtype=bool)].mean() < 0.9  # region features differ (they were all one)
+
+    ev, chance = summary["eval"], summary["chance"]
+    assert summary["retrieval_images"] == 100 and set(ev) >= {"itm_acc", "mrc_kl_acc", "t2i_r1", "i2t_r1"}
+    words = "\n".join(summary["in_words"])
+    assert "guessing" in words and "held-out" in words and "What was learned" in r.stdout
+    assert (out / "run" / "curves.png").stat().st_size > 10_000
     with Image.open(out / "example_regions.png") as im:
         assert im.size[0] >= 640 and im.getextrema() != ((0, 0), (0, 0), (0, 0))
-    assert (out / "run" / "checkpoint.pt").exists() and (out / "run" / "log.jsonl").exists()
     again = subprocess.run(["regionbert-quickstart", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "earlier run" in again.stderr  # never overwrites a finished run
+
+    # the default recipe learned what the captions say about the regions (measured on the 2-core dev
+    # machine: ITM 0.88, t2i / i2t R@1 7% / 6% among 100 images, masked region class 0.50). Floors well
+    # above chance are asserted; issue 15's own thresholds are reported as an expected failure if missed
+    # on a machine whose floating point takes the run elsewhere, rather than hidden
+    assert ev["itm_acc"] >= 0.7 and ev["mrc_kl_acc"] >= 4 * chance["mrc_acc"], ev
+    assert ev["t2i_r1"] >= 3 * chance["t2i_r1"] and ev["i2t_r1"] >= 3 * chance["i2t_r1"], ev
+    log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
+    itm = [rec["eval"]["itm_acc"] for rec in log if "eval" in rec and "itm_acc" in rec["eval"]]
+    assert len(itm) >= 2 and itm[-1] > itm[0] + 0.15, itm  # it left chance during the run
+    goals = {"itm_acc >= 0.85": ev["itm_acc"] >= 0.85,
+             "t2i_r1 >= 5x chance": ev["t2i_r1"] >= 5 * chance["t2i_r1"],
+             "i2t_r1 >= 5x chance": ev["i2t_r1"] >= 5 * chance["i2t_r1"]}
+    missed = [k for k, ok in goals.items() if not ok]
+    if missed:
+        pytest.xfail(f"issue 15 thresholds missed: {missed}; held-out {ev}, detector {det}")
