@@ -1,10 +1,12 @@
 """How long ITM stays at chance: configs/tiny.toml on the independent synthetic scenes, held-out accuracy
 every run.eval_every steps (issue 12). The runs behind README's Proof of learning (ITM negatives among the
-200 images nearest in box count vs from any image, UNITER's and now the default):
+200 images nearest in box count vs from any image, UNITER's and now the default; both with ITM's head at
+N(0, 0.02), the default then):
 
-    python bench/ablate_itm_plateau.py window100 1000 tasks.itm_neg_window=100 run.eval_every=200 \
+    python bench/ablate_itm_plateau.py window100 1000 model.itm_head_init=bert tasks.itm_neg_window=100 \
+        run.eval_every=200 run.log_every=100 run.eval_pairs=400
+    python bench/ablate_itm_plateau.py any_image 1000 model.itm_head_init=bert run.eval_every=200 \
         run.log_every=100 run.eval_pairs=400
-    python bench/ablate_itm_plateau.py any_image 1000 run.eval_every=200 run.log_every=100 run.eval_pairs=400
     python bench/ablate_itm_plateau.py itm_only 600 'tasks.mix={"itm":1}'
 
 Arguments: a run name, optim.steps, then any --set style overrides. Prints the training losses and the
