@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     reader = ShardReader(summary.shard)
     class_names = reader.meta["class_names"]
     # a held-out image (the detector never saw it) with at least two stored boxes, the last such one
-    held_out = range(len(reader) - 1, len(reader) - 1 - int(args.images * 0.25), -1)
+    held_out = range(len(reader) - 1, len(reader) - 1 - det["images"], -1)  # the last images, as boxes_val.json
     rec = next((r for r in (reader[i] for i in held_out) if len(r.boxes) >= 2), reader[len(reader) - 1])
     picture = os.path.join(out, "example_regions.png")
     draw_record(rec, os.path.join(data["images"], rec.id + ".jpg"), class_names,
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     for k, v in sorted(metrics.items()):
         print(f"  {k:10s} {v:.3f}")
 
-    num_val = int(metrics.get("retrieval_images", 0)) or int(args.images * 0.25)
+    num_val = int(metrics.get("retrieval_images", 0)) or det["images"]
     words = describe(metrics, det, num_val, len(class_names) - 1)
     curves = os.path.join(run_dir, "curves.png")
     print(f"\nquickstart done in {time.perf_counter() - start:.0f}s:")

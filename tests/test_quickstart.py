@@ -22,7 +22,7 @@ def test_quickstart_learns_on_held_out_images(tmp_path):
     # the detector: fine-tuned on the training images' boxes, judged on the held-out ones
     det = summary["detector_heldout"]
     assert det["images"] == 200, det
-    assert det["recall50"] >= 0.8 and det["map50"] >= 0.4, det  # measured 0.98 and 0.65 (stride 16, SGD: 0.80 and 0.13)
+    assert det["recall50"] >= 0.8 and det["map50"] >= 0.4, det  # measured 0.98 and 0.52 (stride 16, SGD: 0.80 and 0.13)
     reader = ShardReader(summary["shard"])
     names = reader.meta["class_names"]
     assert names[0] == "__background__" and "red circle" in names and len(names) == 19
