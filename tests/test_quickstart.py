@@ -48,8 +48,8 @@ def test_quickstart_learns_on_held_out_images(tmp_path):
     assert ev["itm_acc"] >= 0.7 and ev["mrc_kl_acc"] >= 4 * chance["mrc_acc"], ev
     assert ev["t2i_r1"] >= 3 * chance["t2i_r1"] and ev["i2t_r1"] >= 3 * chance["i2t_r1"], ev
     log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
-    itm = [rec["eval"]["itm_acc"] for rec in log if "eval" in rec and "itm_acc" in rec["eval"]]
-    assert len(itm) >= 2 and itm[-1] > itm[0] + 0.15, itm  # it left chance during the run
+    itm = [rec["itm"] for rec in log if "lr" in rec and "itm" in rec]  # training reports, every 25 steps
+    assert len(itm) >= 20 and itm[0] > 0.65 and max(itm[-3:]) < 0.55, itm  # ITM's loss left ln 2 = 0.693
     goals = {"itm_acc >= 0.85": ev["itm_acc"] >= 0.85,
              "t2i_r1 >= 5x chance": ev["t2i_r1"] >= 5 * chance["t2i_r1"],
              "i2t_r1 >= 5x chance": ev["i2t_r1"] >= 5 * chance["i2t_r1"]}

@@ -8,6 +8,7 @@ regionbert.train.plot RUN` to redraw a run's plot, e.g. while it trains.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -41,6 +42,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str | None:
         pts = [(r["step"], r[k]) for r in train if k in r]
         ax.plot(*zip(*pts, strict=True), label=k, color=COLOURS.get(k), lw=1.5,
                 marker="o" if len(pts) < 30 else None, ms=3)  # few reports: show each one
+    if "itm" in losses:  # a match / no-match guess at 1:1 costs ln 2: ITM has learned once it is below
+        ax.axhline(math.log(2), color=COLOURS["itm"], ls=":", lw=1, label="itm guessing (ln 2)")
     values = [r[k] for r in train for k in losses if k in r]
     if values and min(values) > 0 and max(values) / min(values) > 100:  # wra can be negative: linear then
         ax.set_yscale("log")
@@ -54,6 +57,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str | None:
             pts = [(r["step"], r["eval"][k]) for r in evals if k in r["eval"]]
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=k.removesuffix("_acc"),
                     color=COLOURS.get(k.removesuffix("_acc")))
+        if "itm_acc" in acc:  # half the pairs mismatched
+            ax.axhline(0.5, color=COLOURS["itm"], ls=":", lw=1, label="itm guessing")
         ax.set(title="held-out accuracy", xlabel="step", ylabel="accuracy", ylim=(0, 1))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
