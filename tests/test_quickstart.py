@@ -37,8 +37,11 @@ def test_quickstart_learns_on_held_out_images(tmp_path):
     words = "\n".join(summary["in_words"])
     assert "guessing" in words and "held-out" in words and "What was learned" in r.stdout
     assert (out / "run" / "curves.png").stat().st_size > 10_000
-    with Image.open(out / "example_regions.png") as im:
-        assert im.size[0] >= 640 and im.getextrema() != ((0, 0), (0, 0), (0, 0))
+    with Image.open(out / "example_regions.png") as im:  # four held-out images, 2 x 2, captions beneath
+        assert im.size[0] >= 1280 and im.getextrema() != ((0, 0), (0, 0), (0, 0))
+    # what pretraining sees: the kept regions lie on most held-out shapes (measured 0.77, 0.55 named right)
+    cov = summary["regions_heldout"]
+    assert cov["shapes"] == det["boxes"] and cov["found"] >= 0.5 and cov["named"] >= 0.3, cov
     again = subprocess.run(["regionbert-quickstart", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "earlier run" in again.stderr  # never overwrites a finished run
 
