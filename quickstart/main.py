@@ -55,7 +55,7 @@ class Stages:
 
 
 def example_grid(records: list, data: dict, class_names: list[str]) -> Image.Image:
-    """2 x 2 held-out images, every stored box drawn (1-5 a image, class score >= 0.5) with its name and
+    """2 x 2 held-out images, every stored box drawn (1-5 an image, as POLICY keeps them) with its name and
     score, and under each image its first caption, which names what is really there."""
     captions = {}
     with open(data["captions"], newline="") as f:
@@ -79,10 +79,9 @@ def stored_coverage(reader: ShardReader, val_json: str, images: str, class_names
     and with one that is also named right. Unlike the detector's recall (any of its detections, at any
     score), this is what pretraining sees."""
     samples, _ = read_coco(val_json, images, class_names)
-    index = {reader[i].id: i for i in range(len(reader))}
     found = named = total = 0
     for s in samples:
-        rec = reader[index[os.path.splitext(os.path.basename(s.path))[0]]]
+        rec = reader.get(os.path.splitext(os.path.basename(s.path))[0])
         labels, _ = box_labels(rec)
         iou = box_iou(torch.tensor(s.boxes, dtype=torch.float32), torch.tensor(rec.boxes, dtype=torch.float32))
         hit = iou >= 0.5  # (shapes, stored boxes)
