@@ -58,10 +58,71 @@ def random_weights(meta: dict | None) -> bool:
     return isinstance(weights, str) and weights.lower() == "none"  # null (unknown, e.g. imported) is not random
 
 
+Rect = tuple[float, float, float, float]  # x1, y1, x2, y2
+
+
+def _overlap(a: Rect, b: Rect) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _clamp(v: float, lo: float, hi: float) -> float:
+    return min(max(v, lo), max(lo, hi))
+
+
+def place_labels(boxes, sizes, width: int, height: int, taken: list[Rect] | None = None) -> list[Rect]:
+    """Where to put one label (a w x h rectangle) per box, placed in the order given (most important first):
+    every label lies wholly inside the width x height image (unless it is larger than the image) and, where
+    there is room anywhere, overlaps neither a label placed before it nor the `taken` rectangles. Tried in
+    turn: just above the box, just below it, inside its top edge, inside its bottom edge (each at the box's
+    left edge, then at its right edge, moved inside the image; a spot off the top or bottom of the image
+    after the others); then the free spot nearest to the first of those (labels stack); if the image has
+    no free spot, the tried spot that overlaps least."""
+    placed: list[Rect] = list(taken or [])
+    out: list[Rect] = []
+    for (x1, y1, x2, y2), (w, h) in zip(boxes, sizes, strict=True):
+        def at(x, y, w=w, h=h) -> Rect:
+            x, y = _clamp(x, 0, width - w), _clamp(y, 0, height - h)
+            return (x, y, x + w, y + h)
+
+        def free(r: Rect) -> bool:
+            return all(_overlap(r, o) == 0 for o in placed)
+
+        ys = (y1 - h, y2, y1, y2 - h)  # those that would leave the image come last, moved inside it
+        ys = [y for y in ys if 0 <= y <= height - h] + [y for y in ys if not 0 <= y <= height - h]
+        tried = [at(x, y) for y in ys for x in (x1, x2 - w)]
+        spot = next((r for r in tried if free(r)), None)
+        if spot is None:  # stack: the free spot nearest to just above the box, on a grid of half a label
+            sx, sy = max(1.0, w / 4), max(1.0, h / 2)
+            grid = [at(i * sx, j * sy) for j in range(int(max(0, height - h) // sy) + 2)
+                    for i in range(int(max(0, width - w) // sx) + 2)]
+            grid.sort(key=lambda r: (r[0] - tried[0][0]) ** 2 + (r[1] - tried[0][1]) ** 2)
+            spot = next((r for r in grid if free(r)), None)
+        if spot is None:
+            spot = min(tried, key=lambda r: sum(_overlap(r, o) for o in placed))
+        placed.append(spot)
+        out.append(spot)
+    return out
+
+
+def _gap(a: Rect, b: Rect) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The nearest points of two rectangles (a's, b's)."""
+    def axis(a0, a1, b0, b1):
+        if a1 < b0:
+            return a1, b0
+        if b1 < a0:
+            return a0, b1
+        m = (max(a0, b0) + min(a1, b1)) / 2
+        return m, m
+    (ax, bx), (ay, by) = axis(a[0], a[2], b[0], b[2]), axis(a[1], a[3], b[1], b[3])
+    return (ax, ay), (bx, by)
+
+
 def draw_record(rec: Record, image_path: str, class_names: list[str] | None, top: int = 20,
                 min_width: int = 640, meta: dict | None = None) -> Image.Image:
-    """The image (upright, as extracted) with up to `top` boxes, best first by their score. With the shard's
-    `meta`, a detector with random weights is named on the picture."""
+    """The image (upright, as extracted) with up to `top` boxes, best first by their score, each labelled
+    with its class name and score. Labels stay inside the image and off each other (place_labels; the
+    best box's label is placed first); a label that had to move away from its box gets a line to it. With
+    the shard's `meta`, a detector with random weights is named on the picture."""
     with Image.open(image_path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
     if im.size != (rec.width, rec.height):
@@ -75,18 +136,29 @@ def draw_record(rec: Record, image_path: str, class_names: list[str] | None, top
     found = box_labels(rec)
     labelled = found is not None
     labels, scores = found if labelled else (np.zeros(rec.num_boxes, int), np.ones(rec.num_boxes, np.float32))
-    for i in np.argsort(-scores, kind="stable")[:top][::-1]:  # best drawn last, on top
-        x1, y1, x2, y2 = (rec.boxes[i] * scale).tolist()
-        color = _PALETTE[int(labels[i]) % len(_PALETTE)]
-        draw.rectangle([x1, y1, x2, y2], outline=color + (255,), width=max(2, round(scale)))
+    banner = "RANDOM WEIGHTS (--weights none): boxes and labels are meaningless" if random_weights(meta) else None
+    taken = [(0, 0, im.width, draw.textbbox((4, 4), banner, font=font)[3] + 4)] if banner else []  # kept clear
+    best = np.argsort(-scores, kind="stable")[:top]
+    boxes, texts, colors = [], [], []
+    for i in best:
+        boxes.append(tuple((rec.boxes[i] * scale).tolist()))
+        colors.append(_PALETTE[int(labels[i]) % len(_PALETTE)])
         name = class_names[labels[i]] if class_names and labelled and labels[i] < len(class_names) else f"box {i}"
-        text = f"{name} {scores[i]:.2f}" if labelled else name
-        tx0, ty0, tx1, ty1 = draw.textbbox((x1 + 3, y1 + 1), text, font=font)
-        draw.rectangle([tx0 - 2, ty0 - 1, tx1 + 2, ty1 + 1], fill=color + (200,))
-        draw.text((x1 + 3, y1 + 1), text, fill=(255, 255, 255, 255), font=font)
-    if random_weights(meta):
-        text = "RANDOM WEIGHTS (--weights none): boxes and labels are meaningless"
-        x0, y0, x1, y1 = draw.textbbox((4, 4), text, font=font)
-        draw.rectangle([0, 0, im.width, y1 + 4], fill=(200, 0, 0, 230))
-        draw.text((4, 4), text, fill=(255, 255, 255, 255), font=font)
+        texts.append(f"{name} {scores[i]:.2f}" if labelled else name)
+    line = max(2, round(scale))
+    for box, color in zip(boxes[::-1], colors[::-1], strict=True):  # best drawn last, on top
+        draw.rectangle(box, outline=color + (255,), width=line)
+    ink = [draw.textbbox((0, 0), t, font=font) for t in texts]
+    spots = place_labels(boxes, [(b[2] - b[0] + 4, b[3] - b[1] + 2) for b in ink], im.width, im.height, taken)
+    for box, color, text, b, spot in list(zip(boxes, colors, texts, ink, spots, strict=True))[::-1]:
+        near, far = _gap(spot, box)
+        if abs(near[0] - far[0]) + abs(near[1] - far[1]) > line + 1:  # moved off its box: point at it
+            draw.line([near, far], fill=color + (255,), width=max(1, line // 2))
+        draw.rectangle(spot, fill=color + (235,))
+        ink_color = (0, 0, 0, 255) if 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 150 else \
+            (255, 255, 255, 255)  # dark text on the light colours
+        draw.text((spot[0] + 2 - b[0], spot[1] + 1 - b[1]), text, fill=ink_color, font=font)
+    if banner:  # drawn last, over everything
+        draw.rectangle(taken[0], fill=(200, 0, 0, 230))
+        draw.text((4, 4), banner, fill=(255, 255, 255, 255), font=font)
     return im

@@ -1,7 +1,7 @@
 """Sample data the project makes itself: pictures of coloured shapes, captions naming them, a vocabulary.
 
 Each image holds one to three objects (a colour and a shape) on a textured background; each caption
-lists them in a random order ("a red circle and a blue square"). No filler words: a masked caption word
+lists them in a random order ("a red circle and an orange square"). No filler words: a masked caption word
 is then almost always a colour or a shape, which only the image can tell, so masked language modelling
 itself teaches the model to look at the regions (with template sentences around the objects, the same
 pretraining stayed at chance on image-text matching for 900 steps even on perfect region features;
@@ -68,8 +68,14 @@ def coco_json(entries: list[tuple[str, int, int, list]], path: str) -> None:
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
 
 
+def article(words: str) -> str:
+    """ "an" before a vowel ("an orange circle"), else "a"."""
+    return "an" if words[:1].lower() in "aeiou" and words[:1] else "a"
+
+
 def caption(objects: list[str], rng: np.random.Generator) -> str:
-    names = [f"a {o}" for o in rng.permutation(objects)]
+    """The objects in a random order, each with its article: "a red circle, an orange square and a blue square"."""
+    names = [f"{article(o)} {o}" for o in rng.permutation(objects)]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -95,7 +101,9 @@ def write_sample_data(folder: str, num_images: int = 96, val_fraction: float = 0
         coco_json(entries, os.path.join(folder, f"boxes_{split}.json"))
     captions = os.path.join(folder, "captions.csv")
     pd.DataFrame(rows).to_csv(captions, index=False)
-    words = sorted({w for r in rows for w in r["caption"].replace(",", " , ").split()})
+    # every word a caption can hold, so that the vocabulary does not depend on which objects were drawn
+    words = sorted({w for r in rows for w in r["caption"].replace(",", " , ").split()}
+                   | {"a", "an", "and", ",", *COLORS, *SHAPES})
     vocab = os.path.join(folder, "vocab.txt")
     with open(vocab, "w") as f:
         f.write("\n".join([*SPECIAL, *words]) + "\n")

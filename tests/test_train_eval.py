@@ -11,7 +11,7 @@ from train_synth import write_dataset
 
 from regionbert.data import ShardSet
 from regionbert.train.data import PairDataset, Pairs, collate, to_device
-from regionbert.train.evaluate import itm_scores, retrieval_recall
+from regionbert.train.evaluate import evaluate_held_out, itm_scores, retrieval_recall
 from regionbert.train.metrics import Logger, format_duration, read_log, trim_log
 from regionbert.train.model import ModelConfig
 from regionbert.train.plot import plot_run
@@ -69,6 +69,18 @@ def test_batched_itm_scores_equal_scoring_each_pair_alone(small):
         torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
     sub = itm_scores(model, dataset, captions[[5, 2]], images[[3, 0, 7]], batch_pairs=4)
     torch.testing.assert_close(sub, alone[[5, 2]][:, [3, 0, 7]], atol=1e-5, rtol=1e-5)
+
+
+def test_the_eval_record_in_the_log_says_how_long_it_took(small, tmp_path):
+    """The quickstart counts these seconds as its "evaluate" stage (the evaluation runs inside pretraining)."""
+    pairs, dataset, model = small
+    m = evaluate_held_out(model, dataset, ["mlm", "itm"], eval_pairs=8, eval_images=4, batch_pairs=8)
+    assert {"mlm_acc", "itm_acc", "t2i_r1", "i2t_r1"} <= set(m) and 0 < m["eval_seconds"] < 60, m
+    lines = []
+    log = Logger(str(tmp_path), print_fn=lambda *a, **k: lines.append(a[0]), tensorboard=False)
+    log.eval(7, m)
+    assert read_log(str(tmp_path / "log.jsonl")) == [{"step": 7, "eval": m}]
+    assert lines[0].endswith(f"({m['eval_seconds']:.1f}s)")
 
 
 def _fake_log(path, steps=40):
