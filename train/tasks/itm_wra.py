@@ -5,8 +5,10 @@ a 2-way classifier on the pooled [CLS] output says which pairs match (itm_labels
 WRA: the optimal-transport distance between the text's outputs and the regions' outputs (train/ot.py)
 should be small for matching pairs and large for the others:
     wra = (sum of distances over matches - sum over mismatches) / B, times a weight (0.1),
-as UNITER's pretrain.py. The text side is every text token, [CLS] and [SEP] included (UNITER's
-itm_ot_collate pads the transport at the full text length).
+as UNITER's pretrain.py. So the logged wra is negative whenever the mismatched pairs of a batch lie
+farther apart than the matched ones, which is what it trains for; it has no floor at 0. The text side
+is every text token, [CLS] and [SEP] included (UNITER's itm_ot_collate pads the transport at the full
+text length).
 """
 
 import torch
