@@ -135,7 +135,10 @@ def stored_coverage(reader: ShardReader, val_json: str, images: str, class_names
     return {"shapes": total, "found": found / max(1, total), "named": named / max(1, total)}
 
 
-def pretrain_args(data: dict, shard_dir: str, run_dir: str, steps: int) -> list[str]:
+DEFAULT_STEPS = 650
+
+
+def pretrain_args(data: dict, shard_dir: str, run_dir: str, steps: int, seed: int = 0) -> list[str]:
     """regionbert-pretrain arguments for a tiny model on the sample data. The task mix, loss weights and
     masking are the defaults (UNITER's); only what one sets for a tiny model in a short run is set here:
     size (2 layers, 128 wide, FFN 256), no dropout, lr 1.5e-3, steps, 4096 tokens a batch, and one
@@ -152,7 +155,8 @@ def pretrain_args(data: dict, shard_dir: str, run_dir: str, steps: int) -> list[
             "model.hidden_size": 128, "model.num_layers": 2, "model.num_heads": 4, "model.intermediate_size": 256,
             "model.max_text_len": 24, "model.dropout": 0.0, "optim.steps": steps, "optim.lr": 1.5e-3,
             "optim.warmup_steps": steps // 10, "run.log_every": 25, "run.checkpoint_every": 0, "run.out": run_dir,
-            "data.eval_split": "val", "run.eval_every": 0, "run.eval_images": 100, "run.eval_pairs": 400}
+            "data.eval_split": "val", "run.eval_every": 0, "run.eval_images": 100, "run.eval_pairs": 400,
+            "run.seed": seed}
     return [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
 
 
@@ -242,7 +246,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="regionbert-quickstart", description=__doc__)
     p.add_argument("--out", default="runs/quickstart", help="folder for everything this writes")
     p.add_argument("--images", type=int, default=800, help="sample images to draw (a quarter held out)")
-    p.add_argument("--steps", type=int, default=650, help="pretraining steps (the default task mix)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="pretraining steps (the default task mix)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the detector's fine-tuning and of pretraining (the "
+                   "sample images are always the same)")
     p.add_argument("--detector", default="tiny_shapes",
                    help="builder to fine-tune on the sample boxes (tiny_shapes learns from scratch in a minute)")
     p.add_argument("--weights", default="none",
@@ -273,11 +279,12 @@ def main(argv=None) -> int:
                     f"(from weights: {args.weights})")
     print(f"  the same as: regionbert-detector finetune {data['boxes_train']} --val {data['boxes_val']} "
           f"--images {data['images']} -o {det_dir} --detector {args.detector} --weights {args.weights} "
-          f"--epochs {args.detector_epochs} --batch-size 8 --optimizer {optimizer} --lr {lr} --lr-steps {lr_step}")
+          f"--epochs {args.detector_epochs} --batch-size 8 --optimizer {optimizer} --lr {lr} --lr-steps {lr_step} "
+          f"--seed {args.seed}")
     ft = finetune(FinetuneConfig(annotations=data["boxes_train"], val_annotations=data["boxes_val"],
                                  images=data["images"], out=det_dir, detector=args.detector, weights=args.weights,
                                  epochs=args.detector_epochs, batch_size=8, optimizer=optimizer, lr=lr,
-                                 lr_steps=[lr_step],
+                                 lr_steps=[lr_step], seed=args.seed,
                                  eval_every=args.detector_epochs, workers=args.workers))
     det = ft.heldout
     print(f"  held-out: recall@0.5 {det['recall50']:.2f}, mAP@0.5 {det['map50']:.2f} "
@@ -320,7 +327,7 @@ def main(argv=None) -> int:
 
     run_dir = os.path.join(out, "run")
     print("  " + LOSS_LEGEND, flush=True)
-    if pretrain(pretrain_args(data, os.path.dirname(summary.shard), run_dir, args.steps)) != 0:
+    if pretrain(pretrain_args(data, os.path.dirname(summary.shard), run_dir, args.steps, args.seed)) != 0:
         return 1
 
     stages.start(7, "held-out evaluation (the held-out quarter's captions and images, never trained on)")

@@ -196,7 +196,7 @@ def test_per_task_gradient_norms_at_initialisation_are_comparable(feature_dim):
     print({k: round(v, 4) for k, v in norms.items()})
     assert all(math.isfinite(v) and v > 0 for v in norms.values()), norms
     assert max(norms.values()) <= 10 * norms["mlm"], norms  # was 10^4 x
-    scaled = _gradient_norms(dataclasses.replace(cfg, itm_head_init="auto"))  # the default from scratch
+    scaled = _gradient_norms(dataclasses.replace(cfg, itm_head_init="scaled"))
     assert norms["itm"] < scaled["itm"] <= 10 * scaled["mlm"], scaled
     # UNITER's own reductions set the spread: MRC-kl is averaged over 91 classes, and ITM's signal into
     # the encoder is weak while matching and mismatching pairs still look alike
@@ -379,7 +379,7 @@ def test_scaled_itm_head_redraws_only_the_pooler_and_itm_classifier():
                               num_classes=91, itm_head_init="bert")
     torch.manual_seed(0)
     bert = Pretrainer(cfg).state_dict()
-    for init in ("scaled", "auto"):  # from scratch, "auto" (the default) is "scaled"
+    for init in ("scaled",):
         torch.manual_seed(0)
         scaled = Pretrainer(dataclasses.replace(cfg, itm_head_init=init))
         changed = {k for k, v in scaled.state_dict().items() if not torch.equal(v, bert[k])}
@@ -392,3 +392,45 @@ def test_scaled_itm_head_redraws_only_the_pooler_and_itm_classifier():
     assert strong > 3 * weak
     with pytest.raises(ValueError, match="itm_head_init"):
         dataclasses.replace(cfg, itm_head_init="large")
+
+
+def test_zero_itm_head_is_the_default_from_scratch_and_scores_every_pair_alike():
+    cfg = dataclasses.replace(CFG, itm_head_init="bert")
+    torch.manual_seed(0)
+    bert = Pretrainer(cfg).state_dict()
+    for init in ("zero", "auto"):  # from scratch, "auto" (the default) is "zero"
+        torch.manual_seed(0)
+        zero = Pretrainer(dataclasses.replace(cfg, itm_head_init=init))
+        changed = {k for k, v in zero.state_dict().items() if not torch.equal(v, bert[k])}
+        assert changed == {"encoder.pooler.weight", "heads.itm.classify.weight"}, (init, changed)
+        assert abs(float(zero.encoder.pooler.weight.detach().std()) * 32 ** 0.5 - 1) < 0.15
+        assert not zero.heads["itm"].classify.weight.any()
+    batch = _batch("itm")
+    out = zero.heads["itm"].classify(zero.encode(batch).pooled)
+    assert torch.equal(out, torch.zeros_like(out))  # p = 0.5 for every pair: nothing to unlearn
+    zero.zero_grad()
+    zero(batch)["itm"].backward()
+    # the first step moves the classifier toward telling the batch's matched pairs from the others
+    assert zero.heads["itm"].classify.weight.grad.abs().sum() > 0
+
+
+def test_centered_itm_gradient_removes_the_batch_mean_and_changes_nothing_else():
+    cfg = dataclasses.replace(CFG, itm_head_init="scaled")
+    torch.manual_seed(0)
+    plain = Pretrainer(cfg, wra_weight=0.0)
+    centered = Pretrainer(cfg, wra_weight=0.0, itm_center_grad=True)
+    centered.load_state_dict(plain.state_dict())
+    batch = _batch("itm")
+    grads, losses = {}, {}
+    for name, m in (("plain", plain), ("centered", centered)):
+        out = m.encode(batch)
+        out.pooled.retain_grad()
+        loss = m.heads["itm"](out, batch)["itm"]
+        loss.backward()
+        losses[name], grads[name] = loss.detach(), out.pooled.grad.clone()
+    assert torch.equal(losses["plain"], losses["centered"])  # the same forward pass
+    g, c = grads["plain"], grads["centered"]  # (B, C) the gradient each pair's pooled output receives
+    torch.testing.assert_close(c, g - g.mean(0, keepdim=True))
+    assert c.mean(0).abs().max() < 1e-7 and g.mean(0).abs().max() > 10 * c.mean(0).abs().max()
+    for (n, p), q in zip(plain.heads["itm"].named_parameters(), centered.heads["itm"].parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)  # the head itself learns as before

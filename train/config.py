@@ -45,6 +45,9 @@ class TaskConfig:
     wra_weight: float = 0.1  # 0 turns word-region alignment off
     wra_iterations: int = 50
     wra_beta: float = 0.5
+    # ITM's gradient into the encoder minus its batch mean (docs/itm-plateau.md): "auto" on from scratch, off
+    # with run.init_from (UNITER's); "on"; "off"
+    itm_center_grad: str = "auto"
 
 
 @dataclass
@@ -198,6 +201,8 @@ def check(cfg: Config) -> None:
 
     check_ranges(cfg)  # every value in its range, naming the key (train/ranges.py)
     ModelConfig(**dataclasses.asdict(cfg.model))  # re-runs its checks
+    if cfg.tasks.itm_center_grad not in ("auto", "on", "off"):
+        raise ValueError(f"tasks.itm_center_grad must be auto, on or off, got {cfg.tasks.itm_center_grad!r}")
     if cfg.tasks.masking not in ("conditional", "joint"):
         raise ValueError(f"tasks.masking must be conditional or joint, got {cfg.tasks.masking!r}")
     if cfg.run.precision not in ("fp32", "bf16", "fp16"):

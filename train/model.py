@@ -67,8 +67,8 @@ class ModelConfig:
                              f"{self.num_heads}")
         if self.loc_dim not in (5, 7):
             raise ValueError(f"model.loc_dim must be 5 or 7, got {self.loc_dim}")
-        if self.itm_head_init not in ("auto", "bert", "scaled"):
-            raise ValueError(f"model.itm_head_init must be auto, bert or scaled, got {self.itm_head_init!r}")
+        if self.itm_head_init not in ("auto", "bert", "scaled", "zero"):
+            raise ValueError(f"model.itm_head_init must be auto, bert, scaled or zero, got {self.itm_head_init!r}")
 
 
 class SelfAttention(nn.Module):

@@ -9,7 +9,8 @@ from .tasks import TASKS, RegionClassifier
 
 
 class Pretrainer(nn.Module):
-    def __init__(self, cfg: ModelConfig, wra_weight: float = 0.1, wra_iterations: int = 50, wra_beta: float = 0.5):
+    def __init__(self, cfg: ModelConfig, wra_weight: float = 0.1, wra_iterations: int = 50, wra_beta: float = 0.5,
+                 itm_center_grad: bool = False):
         super().__init__()
         self.cfg = cfg
         self.encoder = RegionBert(cfg)
@@ -17,13 +18,16 @@ class Pretrainer(nn.Module):
         self.heads = nn.ModuleDict({
             "mlm": TASKS["mlm"](cfg, self.encoder), "mrfr": TASKS["mrfr"](cfg, self.encoder),
             "mrc": TASKS["mrc"](cfg, self.encoder, shared), "mrc_kl": TASKS["mrc_kl"](cfg, self.encoder, shared),
-            "itm": TASKS["itm"](cfg, self.encoder, wra_weight, wra_iterations, wra_beta)})
+            "itm": TASKS["itm"](cfg, self.encoder, wra_weight, wra_iterations, wra_beta, itm_center_grad)})
         assert set(self.heads) == set(TASKS)
         self.heads.apply(init_weights)  # Linear / LayerNorm modules only: not the tied MLM and MRFR weights
-        if cfg.itm_head_init in ("scaled", "auto"):  # "auto" is resolved to "bert" by run.init_from (train/run.py)
-            # (C, C) and (2, C) at std 1/sqrt(C): ITM's gradient reaches the encoder unshrunk
-            for w in (self.encoder.pooler.weight, self.heads["itm"].classify.weight):
-                nn.init.normal_(w, std=cfg.hidden_size ** -0.5)
+        init = {"auto": "zero"}.get(cfg.itm_head_init, cfg.itm_head_init)  # run.init_from resolves auto to bert
+        if init in ("scaled", "zero"):  # the pooler (C, C) at std 1/sqrt(C): its output varies with the input
+            nn.init.normal_(self.encoder.pooler.weight, std=cfg.hidden_size ** -0.5)
+        if init == "scaled":  # the classifier (2, C) too
+            nn.init.normal_(self.heads["itm"].classify.weight, std=cfg.hidden_size ** -0.5)
+        elif init == "zero":  # every pair scored 0 (p = 0.5) at first: no random preference to unlearn
+            nn.init.zeros_(self.heads["itm"].classify.weight)
 
     def encode(self, batch: dict) -> EncoderOutput:
         return self.encoder(batch["input_ids"], batch["text_lens"], batch["features"], batch["locations"],

@@ -69,7 +69,7 @@ RULES = {
     "model.layer_norm_eps": Float(0, 1, lo_open=True),
     "model.region_mask_embedding": BOOL,
     "model.shared_region_classifier": BOOL,
-    "model.itm_head_init": NAME,  # auto / bert / scaled: ModelConfig says which
+    "model.itm_head_init": NAME,  # auto / bert / scaled / zero: ModelConfig says which
     # data
     "data.shards": PATHS,
     "data.captions": TEXT,
@@ -93,6 +93,7 @@ RULES = {
     "tasks.wra_weight": Float(0, 1e3, why="0 turns word-region alignment off"),
     "tasks.wra_iterations": Int(1, 10_000, "IPOT iterations in every ITM step"),
     "tasks.wra_beta": Float(0, 1e3, lo_open=True),
+    "tasks.itm_center_grad": NAME,  # auto / on / off: config.check says which
     # optim
     "optim.lr": Float(0, 10, why="the peak learning rate; 0 leaves the weights as they are"),
     "optim.betas": BETAS,

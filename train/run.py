@@ -67,7 +67,8 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
 
 def build_model(cfg: Config) -> Pretrainer:
     t = cfg.tasks
-    return Pretrainer(cfg.model, t.wra_weight, t.wra_iterations, t.wra_beta)
+    center = t.itm_center_grad == "on" or t.itm_center_grad == "auto" and not cfg.run.init_from
+    return Pretrainer(cfg.model, t.wra_weight, t.wra_iterations, t.wra_beta, center)
 
 
 def apply_init_from(cfg: Config) -> list[str]:
