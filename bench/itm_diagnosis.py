@@ -179,20 +179,22 @@ def plot(runs: list[str], path: str) -> None:
     ax[0].set(title="held-out ITM accuracy (400 pairs)", xlabel="step", ylim=(0.4, 1))
     ax[0].legend(fontsize=8)
     first, recs = next(iter(logs.items()))
+    fig.suptitle(f"panels 2-4: {first}", fontsize=10, x=0.6)
     steps = [r["step"] for r in recs]
+    meaning = {"level": "level: moves every score alike", "margin": "margin: tells pairs apart"}
     for part, style in (("level", "-"), ("margin", "--")):
-        ax[1].semilogy(steps, [r["itm_grad_norm"][part] for r in recs], style, label=f"{part} ({first})")
-    ax[1].set(title="ITM's gradient into the encoder, norm", xlabel="step")
+        ax[1].semilogy(steps, [r["itm_grad_norm"][part] for r in recs], style, label=meaning[part])
+    ax[1].set(title="ITM's gradient into the encoder", xlabel="step", ylabel="norm")
     ax[1].legend(fontsize=8)
     for layer in range(len(recs[0]["attention"])):
         ax[2].plot(steps, [r["attention"][layer]["cls_to_regions"] for r in recs], label=f"layer {layer + 1}")
     ax[2].plot(steps, [r["attention"][0]["uniform"] for r in recs], ":", color="grey", label="uniform")
-    ax[2].set(title=f"[CLS] attention on regions ({first})", xlabel="step", ylim=(0, 0.6))
+    ax[2].set(title="[CLS]'s attention on regions", xlabel="step", ylim=(0, 0.6))
     ax[2].legend(fontsize=8)
     ax[3].plot(steps, [r["probe_cls"] for r in recs], label="linear probe on [CLS]")
     ax[3].plot(steps, [r["probe_mean"] for r in recs], label="linear probe on the mean output")
     ax[3].plot(steps, [r["heldout_itm"] for r in recs], label="the ITM head")
-    ax[3].set(title=f"is 'match' in the representation? ({first})", xlabel="step", ylim=(0.4, 1))
+    ax[3].set(title="held-out match / no match: probes vs the head", xlabel="step", ylim=(0.4, 1))
     ax[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
