@@ -12,7 +12,7 @@ from regionbert.train.checkpoint import load_checkpoint
 from regionbert.train.config import load_config
 from regionbert.train.model import ModelConfig
 from regionbert.train.pretrainer import Pretrainer
-from regionbert.train.run import run
+from regionbert.train.run import build_model, run
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,6 +131,8 @@ def test_run_starts_from_a_bert_folder(tmp_path):
     assert torch.equal(w["encoder.layers.1.attn.qkv.weight"][:32], q)
     assert torch.equal(w["encoder.pooler.weight"], hf.pooler.dense.weight)  # BERT's pooler, ITM's classifier
     assert state["config"]["model"]["itm_head_init"] == "bert" and float(w["heads.itm.classify.weight"].std()) < 0.03
+    assert state["config"]["tasks"]["itm_center_grad"] == "off"  # from BERT, ITM is UNITER's exactly
+    assert not build_model(load_config(None, overrides)).heads["itm"].center_grad
     (bert / "vocab.txt").write_text("\n".join(vocab[:-1]) + "\n")
     with pytest.raises(ValueError, match=f"has {len(vocab) - 1} tokens but the BERT in run.init_from"):
         run(load_config(None, overrides), print_fn=lambda *a, **k: None)

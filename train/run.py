@@ -79,6 +79,9 @@ def apply_init_from(cfg: Config) -> list[str]:
     if cfg.model.itm_head_init == "auto":  # BERT's pooler is loaded; the ITM classifier at 0.02 (UNITER)
         cfg.model.itm_head_init = "bert"
         changed.append("model.itm_head_init: auto -> bert")
+    if cfg.tasks.itm_center_grad == "auto":  # ITM's full gradient into the encoder (UNITER)
+        cfg.tasks.itm_center_grad = "off"
+        changed.append("tasks.itm_center_grad: auto -> off")
     if not cfg.data.tokenizer:
         found = bert_tokenizer(cfg.run.init_from)
         if not found:
