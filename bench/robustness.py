@@ -170,18 +170,24 @@ def main() -> int:
             for f in cf.as_completed(futures):
                 r = f.result()
                 results.append(r)
+                write(a, results)
                 print(f"[{len(results)}/{len(jobs)} {time.perf_counter() - t0:.0f}s] {r['grid']} "
                       f"det {r.get('detector_seed', '-')} seed {r['seed']} threads {r['threads']}: ITM "
                       f"{r['itm_acc']:.3f} R@1 {r['t2i_r1']:.2f} / {r['i2t_r1']:.2f}, held-out ITM >= 0.6 at "
                       f"{r['left_chance_step']}, loss < 0.6 from {r['loss_left_step']}", flush=True)
+    print(write(a, results))
+    return 0
+
+
+def write(a, results: list[dict]) -> str:
+    """OUT/GRID[-TAG].json and .md, rewritten after every run (a grid stopped early keeps what it did)."""
     name = a.grid + (f"-{a.tag}" if a.tag else "")
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = table(results)
     with open(os.path.join(a.out, f"{name}.md"), "w") as f:
         f.write(md)
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":

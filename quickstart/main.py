@@ -251,6 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="none",
                    help="the detector's starting point: 'none' (random, offline) or a torchvision weights name "
                         "such as DEFAULT (COCO; downloads)")
+    p.add_argument("--detector-lr", type=float, default=None, help="the detector's fine-tuning lr (default: AdamW "
+                   "5e-4 from random weights, SGD 0.01 from COCO weights)")
     p.add_argument("--detector-epochs", type=int, default=3, help="fine-tuning epochs over the training images "
                    "(lr x0.1 for the last)")
     p.add_argument("--workers", type=int, default=1)
@@ -271,7 +273,8 @@ def main(argv=None) -> int:
     # from random weights AdamW (1e-3), from COCO weights torchvision's SGD recipe. Over detector seeds 0 / 1 /
     # 2, lr 5e-4 gave a steadier mAP@0.5 (0.55 / 0.54 / 0.57 against 0.52 / 0.55 / 0.33) but region features
     # that taught ITM less: held-out ITM after pretraining 0.81 / 0.81 / 0.85 against 0.88 / 0.87 / 0.79
-    optimizer, lr = ("adamw", 1e-3) if args.weights.lower() == "none" else ("sgd", 0.01)
+    optimizer, lr = ("adamw", 5e-4) if args.weights.lower() == "none" else ("sgd", 0.01)
+    lr = args.detector_lr or lr
     stages.start(2, f"fine-tuning a {args.detector} detector on the training images' boxes "
                     f"(from weights: {args.weights})")
     print(f"  the same as: regionbert-detector finetune {data['boxes_train']} --val {data['boxes_val']} "

@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from regionbert.data import ShardReader
@@ -57,20 +56,18 @@ def test_quickstart_learns_on_held_out_images(tmp_path):
     again = subprocess.run(["regionbert-quickstart", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "earlier run" in again.stderr  # never overwrites a finished run
 
-    # the default recipe learned what the captions say about the regions (measured on the 2-core dev
-    # machine: ITM 0.92, t2i / i2t R@1 15% / 15% among 100 images, masked region class 0.36; other
-    # pretraining and detector seeds: ITM 0.85-0.92, bench/README.md "The quickstart"). Floors well
-    # above chance are asserted; issue 15's own thresholds are reported as an expected failure if missed
-    # on a machine whose floating point takes the run elsewhere, rather than hidden
-    assert ev["itm_acc"] >= 0.7 and ev["mrc_kl_acc"] >= 4 * chance["mrc_acc"], ev
-    assert ev["t2i_r1"] >= 3 * chance["t2i_r1"] and ev["i2t_r1"] >= 3 * chance["i2t_r1"], ev
+    # the default recipe learned what the captions say about the regions. Floors that every run of
+    # bench/robustness.py's grid cleared with room (5 pretraining seeds x 3 detector seeds x 1 and 2 threads:
+    # bench/README.md "Robustness"); issue 27's own targets are ITM >= 0.9 and R@1 >= 5x chance
+    assert ev["itm_acc"] >= 0.85 and ev["mrc_kl_acc"] >= 3 * chance["mrc_acc"], ev
+    assert ev["t2i_r1"] >= 5 * chance["t2i_r1"] and ev["i2t_r1"] >= 5 * chance["i2t_r1"], ev
+    assert summary["learned"] and not summary["shortfalls"], summary["shortfalls"]
     log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
-    itm = [rec["itm"] for rec in log if "lr" in rec and "itm" in rec]  # training reports, every 25 steps
-    assert len(itm) >= 20 and itm[0] > 0.65 and max(itm[-3:]) < 0.55, itm  # ITM's loss left ln 2 = 0.693
-    goals = {"itm_acc >= 0.85": ev["itm_acc"] >= 0.85,
-             "t2i_r1 >= 5x chance": ev["t2i_r1"] >= 5 * chance["t2i_r1"],
-             "i2t_r1 >= 5x chance": ev["i2t_r1"] >= 5 * chance["i2t_r1"]}
-    missed = [k for k, ok in goals.items() if not ok]
-    assert summary["learned"] == (not missed) and len(summary["shortfalls"]) == len(missed), summary["shortfalls"]
-    if missed:
-        pytest.xfail(f"issue 15 thresholds missed: {missed}; held-out {ev}, detector {det}")
+    reports = [(rec["step"], rec["itm"]) for rec in log if "lr" in rec and "itm" in rec]  # every 25 steps
+    assert len(reports) >= 40 and reports[0][1] > 0.65, reports  # it starts at ln 2 = 0.693 (guessing)
+    assert max(loss for _, loss in reports[-3:]) < 0.5, reports
+    # ITM left chance in the first half of the run (the grid: between steps 250 and 400 of 1,300)
+    assert any(step <= 650 and loss < 0.6 for step, loss in reports), reports
+    evals = [(rec["step"], rec["eval"]["itm_acc"]) for rec in log if "eval" in rec]
+    assert len(evals) >= 8 and evals[-1][0] == 1300, evals  # curves.png: held-out ITM rises over the run
+    assert any(step <= 600 and acc >= 0.6 for step, acc in evals), evals
