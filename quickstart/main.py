@@ -270,9 +270,9 @@ def main(argv=None) -> int:
 
     det_dir = os.path.join(out, "detector")
     lr_step = max(1, args.detector_epochs - 1)  # torchvision's 16/26 decays too early for so short a run
-    # from random weights AdamW (1e-3), from COCO weights torchvision's SGD recipe. Over detector seeds 0 / 1 /
-    # 2, lr 5e-4 gave a steadier mAP@0.5 (0.55 / 0.54 / 0.57 against 0.52 / 0.55 / 0.33) but region features
-    # that taught ITM less: held-out ITM after pretraining 0.81 / 0.81 / 0.85 against 0.88 / 0.87 / 0.79
+    # from random weights AdamW 5e-4, from COCO weights torchvision's SGD recipe. At 1e-3 one detector seed in
+    # three fell apart (seed 2: mAP@0.5 0.24, its kept regions on 35% of the held-out shapes, 9% named right;
+    # pretraining on them reached ITM 0.72-0.75); at 5e-4 the same seed gave 0.49 and 80% (bench/README.md)
     optimizer, lr = ("adamw", 5e-4) if args.weights.lower() == "none" else ("sgd", 0.01)
     lr = args.detector_lr or lr
     stages.start(2, f"fine-tuning a {args.detector} detector on the training images' boxes "

@@ -196,7 +196,7 @@ def test_per_task_gradient_norms_at_initialisation_are_comparable(feature_dim):
     print({k: round(v, 4) for k, v in norms.items()})
     assert all(math.isfinite(v) and v > 0 for v in norms.values()), norms
     assert max(norms.values()) <= 10 * norms["mlm"], norms  # was 10^4 x
-    scaled = _gradient_norms(dataclasses.replace(cfg, itm_head_init="scaled"))
+    scaled = _gradient_norms(dataclasses.replace(cfg, itm_head_init="auto"))  # the default from scratch
     assert norms["itm"] < scaled["itm"] <= 10 * scaled["mlm"], scaled
     # UNITER's own reductions set the spread: MRC-kl is averaged over 91 classes, and ITM's signal into
     # the encoder is weak while matching and mismatching pairs still look alike
@@ -379,7 +379,7 @@ def test_scaled_itm_head_redraws_only_the_pooler_and_itm_classifier():
                               num_classes=91, itm_head_init="bert")
     torch.manual_seed(0)
     bert = Pretrainer(cfg).state_dict()
-    for init in ("scaled",):
+    for init in ("scaled", "auto"):  # from scratch, "auto" (the default) is "scaled"
         torch.manual_seed(0)
         scaled = Pretrainer(dataclasses.replace(cfg, itm_head_init=init))
         changed = {k for k, v in scaled.state_dict().items() if not torch.equal(v, bert[k])}
@@ -394,11 +394,11 @@ def test_scaled_itm_head_redraws_only_the_pooler_and_itm_classifier():
         dataclasses.replace(cfg, itm_head_init="large")
 
 
-def test_zero_itm_head_is_the_default_from_scratch_and_scores_every_pair_alike():
+def test_zero_itm_head_scores_every_pair_alike():
     cfg = dataclasses.replace(CFG, itm_head_init="bert")
     torch.manual_seed(0)
     bert = Pretrainer(cfg).state_dict()
-    for init in ("zero", "auto"):  # from scratch, "auto" (the default) is "zero"
+    for init in ("zero",):
         torch.manual_seed(0)
         zero = Pretrainer(dataclasses.replace(cfg, itm_head_init=init))
         changed = {k for k, v in zero.state_dict().items() if not torch.equal(v, bert[k])}

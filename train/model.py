@@ -57,8 +57,9 @@ class ModelConfig:
     region_mask_embedding: bool = True
     shared_region_classifier: bool = True  # MRC and MRC-kl share one classifier (UNITER); False: one each
     # ITM's pooler and classifier at init: "bert" N(0, 0.02) (UNITER's, whose pooler then comes from BERT);
-    # "scaled" N(0, 1/hidden_size), which from scratch gets ITM off its ln 2 plateau in every seed measured
-    # (README, Proof of learning); "auto": "bert" with run.init_from, "scaled" without
+    # "scaled" N(0, 1/hidden_size): from scratch, ITM's gradient reaches the encoder unshrunk; "zero": the
+    # pooler scaled, the classifier at zero (every pair scored alike at first; slower on the learning
+    # test's scenes: docs/itm-plateau.md); "auto": "bert" with run.init_from, "scaled" without
     itm_head_init: str = "auto"
 
     def __post_init__(self):

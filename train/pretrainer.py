@@ -21,7 +21,7 @@ class Pretrainer(nn.Module):
             "itm": TASKS["itm"](cfg, self.encoder, wra_weight, wra_iterations, wra_beta, itm_center_grad)})
         assert set(self.heads) == set(TASKS)
         self.heads.apply(init_weights)  # Linear / LayerNorm modules only: not the tied MLM and MRFR weights
-        init = {"auto": "zero"}.get(cfg.itm_head_init, cfg.itm_head_init)  # run.init_from resolves auto to bert
+        init = {"auto": "scaled"}.get(cfg.itm_head_init, cfg.itm_head_init)  # run.init_from resolves auto to bert
         if init in ("scaled", "zero"):  # the pooler (C, C) at std 1/sqrt(C): its output varies with the input
             nn.init.normal_(self.encoder.pooler.weight, std=cfg.hidden_size ** -0.5)
         if init == "scaled":  # the classifier (2, C) too
