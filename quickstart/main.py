@@ -140,8 +140,8 @@ DEFAULT_STEPS = 1300
 
 def pretrain_args(data: dict, shard_dir: str, run_dir: str, steps: int, seed: int = 0) -> list[str]:
     """regionbert-pretrain arguments for a tiny model on the sample data. The task mix, loss weights,
-    masking and ITM head are the defaults (UNITER's, and from scratch the zero ITM classifier and centred
-    ITM gradient: docs/itm-plateau.md); only what one sets for a tiny model in a short run is set here: size
+    masking and ITM head are the defaults (UNITER's, and from scratch ITM's centred gradient:
+    docs/itm-plateau.md); only what one sets for a tiny model in a short run is set here: size
     (2 layers, 128 wide, FFN 256), no dropout (a step 15% faster on a CPU, and 1,200 captions do not
     overfit a 0.3M-parameter model), lr 1.5e-3 after 60 warm-up steps, 4096 tokens a batch, and a held-out
     evaluation every 150 steps (curves.png) and at the end. 1,300 steps: ITM leaves chance between steps
