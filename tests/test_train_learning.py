@@ -29,9 +29,11 @@ from regionbert.train.masking import IGNORE
 from regionbert.train.run import build_data, build_model, run
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.toml")
-# held-out thresholds. Chance: ITM 0.5, R@1 0.01 (100 images), class 1/16. Measured with this config (seed 0;
-# other seeds in bench/README.md, ablation): ITM 0.934, t2i R@1 0.39, i2t R@1 0.49, class 0.28
-ITM_ACC, T2I_R1, I2T_R1, MRC_KL_ACC = 0.85, 0.2, 0.2, 0.2
+# held-out thresholds. Chance: ITM 0.5, R@1 0.01 (100 images), class 1/16. Measured with this config and
+# today's default (centred ITM gradient), bench/README.md "Robustness": seed 0 ITM 0.909, t2i / i2t R@1
+# 0.265 / 0.22, class 0.27, R@10 0.925 / 0.85; seed 1 0.936, 0.37 / 0.34, 0.32, 0.98 / 0.91. Floors below
+# the worst of them with room: a CPU whose rounding starts ITM's climb later still clears them
+ITM_ACC, T2I_R1, I2T_R1, MRC_KL_ACC = 0.8, 0.12, 0.12, 0.18
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_zero_shot_retrieval_on_held_out_images_beats_chance(trained):
     print({k: round(v, 3) for k, v in m.items()})
     assert m["retrieval_images"] == 100 and m["retrieval_captions"] == 200
     # chance: R@k = k / 100; scenes that hold the same kinds fit a caption alike, so R@1 cannot reach 1
-    assert m["t2i_r1"] >= T2I_R1 and m["i2t_r1"] >= I2T_R1 and m["t2i_r10"] >= 0.7 and m["i2t_r10"] >= 0.7, m
+    assert m["t2i_r1"] >= T2I_R1 and m["i2t_r1"] >= I2T_R1 and m["t2i_r10"] >= 0.6 and m["i2t_r10"] >= 0.6, m
     assert m["itm_acc"] >= ITM_ACC and m["mrc_kl_acc"] >= MRC_KL_ACC, m
 
 
