@@ -21,3 +21,21 @@ def random_record(rng, n=7, dim=32, num_classes=NUM_CLASSES, width=640, height=4
     return out
 
 
+def batches(dataset, keys, size=128, edit=None):
+    """Collated batches of a PairDataset's keys, size at a time; edit(sample) first, if given."""
+    from regionbert.train.data import collate
+
+    for i in range(0, len(keys), size):
+        samples = [dataset[k] for k in keys[i:i + size]]
+        if edit:
+            samples = [edit(s) for s in samples]
+        yield collate(samples)
+
+
+def negatives(pairs, seed=1):
+    """For each pair, another image of the same split, drawn as ITM's negatives are (from any image)."""
+    from regionbert.train.data import TaskSampler
+
+    sampler = TaskSampler.__new__(TaskSampler)  # only its negative drawing, over the held-out images
+    TaskSampler.__init__(sampler, None, pairs, {"itm": 1}, seed)
+    return sampler.negatives(pairs.image, np.random.default_rng(seed))

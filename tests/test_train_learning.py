@@ -19,11 +19,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import batches, negatives
 from train_synth import SCENE_KINDS, write_scenes
 
 from regionbert.train.checkpoint import load_checkpoint
 from regionbert.train.config import load_config
-from regionbert.train.data import TaskSampler, collate
 from regionbert.train.evaluate import evaluate
 from regionbert.train.masking import IGNORE
 from regionbert.train.run import build_data, build_model, run
@@ -56,20 +56,6 @@ def trained(tmp_path_factory):
     return {"cfg": cfg, "model": model.eval(), "pairs": pairs, "dataset": dataset, "last": last}
 
 
-def _batches(dataset, keys, size=128, edit=None):
-    for i in range(0, len(keys), size):
-        samples = [dataset[k] for k in keys[i:i + size]]
-        if edit:
-            samples = [edit(s) for s in samples]
-        yield collate(samples)
-
-
-def _negatives(pairs, seed=1):
-    sampler = TaskSampler.__new__(TaskSampler)  # only its negative drawing, over the held-out images
-    TaskSampler.__init__(sampler, None, pairs, {"itm": 1}, seed)
-    return sampler.negatives(pairs.image, np.random.default_rng(seed))
-
-
 def test_run_reports_progress_per_task(trained):
     last = trained["last"]
     assert {"itm", "wra", "mlm", "mrc_kl", "mrfr"} <= set(last), last  # UNITER's mix: MRC-kl, not MRC
@@ -90,9 +76,9 @@ def test_zero_shot_retrieval_on_held_out_images_beats_chance(trained):
 
 def test_itm_accuracy_on_held_out_pairs(trained):
     pairs, dataset = trained["pairs"], trained["dataset"]
-    neg = _negatives(pairs)
+    neg = negatives(pairs)
     keys = [("itm", p, -1, p) for p in range(len(pairs))] + [("itm", p, int(neg[p]), p) for p in range(len(pairs))]
-    acc = evaluate(trained["model"], _batches(dataset, keys))["itm_acc"]
+    acc = evaluate(trained["model"], batches(dataset, keys))["itm_acc"]
     print(f"ITM accuracy on {len(keys)} held-out pairs: {acc:.3f}")
     assert acc >= ITM_ACC, f"ITM accuracy {acc:.3f} on {len(keys)} held-out pairs (half of them mismatched)"
 
@@ -116,11 +102,11 @@ def test_masked_object_words_need_the_image(trained):
         s["input_ids"][pos] = text.mask_id
         return s
 
-    shuffled = _negatives(pairs, seed=2)
+    shuffled = negatives(pairs, seed=2)
     true_keys = [("itm", p, -1, p) for p in range(len(pairs))]  # itm: nothing masked by the dataset
     shuffled_keys = [("itm", p, int(shuffled[p]), p) for p in range(len(pairs))]
-    acc_true = evaluate(trained["model"], _batches(dataset, true_keys, edit=mask_one_object_word))["mlm_acc"]
-    acc_shuffled = evaluate(trained["model"], _batches(dataset, shuffled_keys, edit=mask_one_object_word))["mlm_acc"]
+    acc_true = evaluate(trained["model"], batches(dataset, true_keys, edit=mask_one_object_word))["mlm_acc"]
+    acc_shuffled = evaluate(trained["model"], batches(dataset, shuffled_keys, edit=mask_one_object_word))["mlm_acc"]
     # measured 0.93 with the true image, 0.09 with a shuffled one (the words alone only narrow it to the kinds
     # not already named)
     print(f"masked object words: accuracy {acc_true:.3f} with the true image, {acc_shuffled:.3f} with a shuffled one")
@@ -130,7 +116,7 @@ def test_masked_object_words_need_the_image(trained):
 def test_masked_region_class_far_above_chance(trained):
     pairs, dataset = trained["pairs"], trained["dataset"]
     keys = [("mrc_kl", p, -1, p) for p in range(len(pairs))]  # regions masked, text intact
-    acc = evaluate(trained["model"], _batches(dataset, keys))["mrc_kl_acc"]
+    acc = evaluate(trained["model"], batches(dataset, keys))["mrc_kl_acc"]
     print(f"masked held-out regions: detector class named {acc:.3f} of the time")
     # the target is the detector's best class, a random one for background boxes and 15% of the others
     chance = 1 / len(SCENE_KINDS)

@@ -25,13 +25,13 @@ import pandas as pd
 import pytest
 import torch
 import world_b
+from helpers import batches, negatives
 from train_synth import SCENE_KINDS, TEMPLATES
 from world_b import COLOURS, MAX_WORDS, NOUNS, PLURAL, write_rooms
 
 from regionbert.data import ShardSet, verify_shard
 from regionbert.train.checkpoint import load_checkpoint
 from regionbert.train.config import load_config
-from regionbert.train.data import TaskSampler, collate
 from regionbert.train.evaluate import evaluate
 from regionbert.train.masking import IGNORE
 from regionbert.train.run import build_data, build_model, run
@@ -143,20 +143,6 @@ def trained(tmp_path_factory):
     return {"cfg": cfg, "model": model.eval(), "pairs": pairs, "dataset": dataset, "curve": curve}
 
 
-def _batches(dataset, keys, size=128, edit=None):
-    for i in range(0, len(keys), size):
-        samples = [dataset[k] for k in keys[i:i + size]]
-        if edit:
-            samples = [edit(s) for s in samples]
-        yield collate(samples)
-
-
-def _negatives(pairs, seed=1):
-    sampler = TaskSampler.__new__(TaskSampler)  # only its negative drawing, over the held-out images
-    TaskSampler.__init__(sampler, None, pairs, {"itm": 1}, seed)
-    return sampler.negatives(pairs.image, np.random.default_rng(seed))
-
-
 def masked_word_accuracy(model, pairs, dataset, word_ids, seed=0) -> tuple[float, float]:
     """Mask one of each held-out caption's words among word_ids (the same position for both): the masked
     word's accuracy with the caption's own image, and with a shuffled one."""
@@ -174,11 +160,11 @@ def masked_word_accuracy(model, pairs, dataset, word_ids, seed=0) -> tuple[float
         s["input_ids"][pos] = dataset.masker.mask_id
         return s
 
-    shuffled = _negatives(pairs, seed=seed + 2)
+    shuffled = negatives(pairs, seed=seed + 2)
     true_keys = [("itm", p, -1, p) for p in range(len(pairs))]  # itm: nothing masked by the dataset
     shuffled_keys = [("itm", p, int(shuffled[p]), p) for p in range(len(pairs))]
-    acc_true = evaluate(model, _batches(dataset, true_keys, edit=mask_one))["mlm_acc"]
-    acc_shuffled = evaluate(model, _batches(dataset, shuffled_keys, edit=mask_one))["mlm_acc"]
+    acc_true = evaluate(model, batches(dataset, true_keys, edit=mask_one))["mlm_acc"]
+    acc_shuffled = evaluate(model, batches(dataset, shuffled_keys, edit=mask_one))["mlm_acc"]
     return acc_true, acc_shuffled
 
 
