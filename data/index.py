@@ -140,7 +140,7 @@ def compact_copy(src: str, dst: str) -> str:
     h = _handle(src, refresh=True)
     if not h.complete or h.env is None:
         raise ShardError(f"{src}: shard is incomplete (its writer did not finish); finish it before publishing")
-    with WriterLock(dst):
+    with WriterLock(dst, inside=False):  # dst does not exist yet: the lock next to it, which writers take too
         if os.path.exists(dst):
             raise ShardError(f"{dst}: already exists; copy to a new path")
         tmp = dst.rstrip("/") + ".partial"

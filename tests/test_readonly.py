@@ -183,7 +183,8 @@ def test_read_only_file_system(tmp_path):
     w.add("p0", width=10, height=10, boxes=np.zeros((1, 4)), features=np.ones((1, 8)))
     w.close(complete=False)
     for name in ("s", "partial"):  # a reader of a read-only mount finds no lock file it could use either
-        os.remove(os.path.join(d, name, "lock.mdb"))
+        for lock in ("lock.mdb", "writer.lock"):  # (LMDB's, and the writer's own: data/lock.py)
+            os.remove(os.path.join(d, name, lock))
     read = ("import sys; from regionbert.data import ShardReader, ShardSet; from regionbert.data.cli import main; "
             "assert main(['verify', '-q', sys.argv[1] + '/index.json']) == 0; "
             "print(len(ShardSet(sys.argv[1] + '/index.json')), ShardReader(sys.argv[1] + '/partial')[0].id)")
