@@ -215,74 +215,184 @@ def _read_records(path: str, fetch, start: int, stop: int) -> list:
         return out
 
 
+# Every dataset is checked (present, a dataset, its rank, dtype kind, and its length against the others)
+# before a record is read: a file from elsewhere gets an error naming the file and dataset, not a traceback,
+# and offsets that decrease or leave their arrays are refused naming the first row they break.
+_STRINGS, _INTS, _FLOATS = "SOU", "iu", "f"
+_KIND_NAMES = {"S": "string", "O": "string", "U": "string", "i": "integer", "u": "integer", "f": "float"}
+_ROW_ERRORS = (ValueError, TypeError, OverflowError, UnicodeDecodeError, RecursionError, IndexError)
+
+
+def _dataset(f, path: str, name: str, ndim: int, kinds: str, tail: tuple = (), rows: int | None = None):
+    """f[name], checked: an HDF5 dataset of rank ndim, dtype kind in kinds, shape (rows, *tail)."""
+    if name not in f:
+        raise ConvertError(f"{path}: no {name!r} dataset; it has {sorted(f.keys())}")
+    ds = f[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise ConvertError(f"{path}: {name!r} is a {type(ds).__name__}, not a dataset")
+    if ds.ndim != ndim or ds.dtype.kind not in kinds:
+        raise ConvertError(f"{path}: dataset {name!r} is {ds.dtype} of shape {ds.shape}, expected {ndim}-D "
+                           f"{' or '.join(dict.fromkeys(_KIND_NAMES[k] for k in kinds))}")
+    if tail and tuple(ds.shape[1:]) != tuple(tail):
+        raise ConvertError(f"{path}: dataset {name!r} has shape {ds.shape}, expected (N, {', '.join(map(str, tail))})")
+    if rows is not None and ds.shape[0] != rows:
+        raise ConvertError(f"{path}: dataset {name!r} has {ds.shape[0]} rows, expected {rows}")
+    return ds
+
+
+def _meta(f, path: str, required: bool) -> dict | None:
+    raw = f.attrs.get("meta")
+    if raw is None:
+        if required:
+            raise ConvertError(f"{path}: no 'meta' attribute (a regionbert-h5 file stores the shard metadata there)")
+        return None
+    try:
+        meta = json.loads(raw)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ConvertError(f"{path}: attribute 'meta' is not JSON ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise ConvertError(f"{path}: attribute 'meta' is JSON {type(meta).__name__}, not an object")
+    return meta
+
+
+def _check_offsets(path: str, name: str, offsets: np.ndarray, total: int) -> None:
+    """offsets[0] == 0, never decreasing, offsets[-1] == total: else the row where it first goes wrong."""
+    if offsets[0] != 0:
+        raise ConvertError(f"{path}: {name}[0] is {int(offsets[0])}, not 0")
+    steps = np.diff(offsets)
+    if (steps < 0).any():
+        i = int(np.flatnonzero(steps < 0)[0])
+        raise ConvertError(f"{path} row {i}: {name} decrease ({name}[{i}] = {int(offsets[i])}, "
+                           f"{name}[{i + 1}] = {int(offsets[i + 1])}): the file's layout is broken")
+    if offsets[-1] != total:
+        i = int(np.searchsorted(offsets, total, side="right"))
+        where = f" row {i - 1}" if offsets[-1] > total else ""
+        raise ConvertError(f"{path}{where}: {name} end at {int(offsets[-1])}, but the data has {total} rows")
+
+
+def _row(path: str, i: int, make, image_id=None):
+    """make() -> (image_id, Decoded), or a RowError naming the row if the file's values do not decode."""
+    try:
+        return make()
+    except _ROW_ERRORS as e:
+        return image_id, RowError(path, i, f"cannot read the row ({type(e).__name__}: {e})", image_id)
+
+
+def _ours(f, path: str):
+    meta = _meta(f, path, required=True)
+    missing = [k for k in ("feature_dim", "class_names", "extractor", "attribute_names", "feature_dtype")
+               if k not in meta]
+    if missing or type(meta["feature_dim"]) is not int or meta["feature_dim"] < 1:
+        raise ConvertError(f"{path}: attribute 'meta' lacks {missing or 'a positive feature_dim'}")
+    settings = Settings(meta["feature_dim"], meta["class_names"], meta["extractor"],
+                        meta["attribute_names"], meta["feature_dtype"])
+    ids = _dataset(f, path, "ids", 1, _STRINGS)
+    total = ids.shape[0]
+    for k in ("width", "height"):
+        _dataset(f, path, k, 1, _INTS, rows=total)
+    offsets = _dataset(f, path, "offsets", 1, _INTS, rows=total + 1)[:].astype(np.int64)
+    extra_offsets = _dataset(f, path, "extra_offsets", 1, _INTS, rows=total + 1)[:].astype(np.int64)
+    boxes = _dataset(f, path, "boxes", 2, _FLOATS, tail=(4,))
+    _dataset(f, path, "features", 2, _FLOATS, tail=(meta["feature_dim"],), rows=boxes.shape[0])
+    arrays = []
+    for name, key in (("class_probs", "class_names"), ("attr_probs", "attribute_names")):
+        if name in f:
+            width = len(meta[key]) if isinstance(meta[key], list) else -1
+            _dataset(f, path, name, 2, _FLOATS, tail=(width,), rows=boxes.shape[0])
+            arrays.append(name)
+    extra_ds = _dataset(f, path, "extra", 1, "u")
+    _check_offsets(path, "offsets", offsets, boxes.shape[0])
+    _check_offsets(path, "extra_offsets", extra_offsets, extra_ds.shape[0])
+
+    def fetch(a, b):
+        lo, hi = int(offsets[a]), int(offsets[b])
+        ids_b, w, h = (f[k][a:b] for k in ("ids", "width", "height"))
+        extra = f["extra"][int(extra_offsets[a]):int(extra_offsets[b])].tobytes()
+        block = {k: f[k][lo:hi] for k in ("boxes", "features", *arrays)}
+        out = []
+        for j in range(b - a):
+            def make(j=j):
+                s, e = int(offsets[a + j]) - lo, int(offsets[a + j + 1]) - lo
+                image_id = _str(ids_b[j])
+                fields = dict(width=int(w[j]), height=int(h[j]), **{k: v[s:e] for k, v in block.items()})
+                x0, x1 = (int(extra_offsets[a + k]) - int(extra_offsets[a]) for k in (j, j + 1))
+                fields["extra"] = json.loads(extra[x0:x1]) if x1 > x0 else None
+                return image_id, Decoded(image_id, path, a + j, fields)
+            out.append(_row(path, a + j, make))
+        return out
+
+    return settings, total, fetch
+
+
+def _padded(f, path: str):
+    feats = _pick(f, "features", path)
+    total, m = (feats.shape + (0, 0))[:2]
+    feats = _dataset(f, path, feats.name.lstrip("/"), 3, _FLOATS)
+    boxes = _dataset(f, path, _pick(f, "boxes", path).name.lstrip("/"), 3, _FLOATS, tail=(m, 4), rows=total)
+    num = _dataset(f, path, _pick(f, "num_boxes", path).name.lstrip("/"), 1, _INTS, rows=total)
+    ids_ds = _dataset(f, path, _pick(f, "ids", path).name.lstrip("/"), 1, _STRINGS + _INTS, rows=total)
+    probs = _pick(f, "class_probs", path, required=False)
+    if probs is not None:
+        probs = _dataset(f, path, probs.name.lstrip("/"), 3, _FLOATS, rows=total)
+        if probs.shape[1] != m:
+            raise ConvertError(f"{path}: dataset {probs.name!r} has shape {probs.shape}, expected ({total}, {m}, C)")
+    if "image_wh" in f:
+        wh = _dataset(f, path, "image_wh", 2, _INTS + _FLOATS, tail=(2,), rows=total)[:]
+    elif "image_w" in f and "image_h" in f:
+        wh = np.stack([_dataset(f, path, k, 1, _INTS + _FLOATS, rows=total)[:] for k in ("image_w", "image_h")], 1)
+    else:
+        raise ConvertError(f"{path}: no image size (image_w and image_h, or image_wh); boxes are pixels, so "
+                           "the shard needs it")
+    meta = _meta(f, path, required=False)
+    names = meta.get("class_names") if meta and probs is not None else (
+        None if probs is None else ["__background__", *(f"class_{i}" for i in range(1, probs.shape[2]))])
+    if names is not None and (not isinstance(names, list) or len(names) != probs.shape[2]):
+        raise ConvertError(f"{path}: meta's class_names do not match {probs.name!r}'s {probs.shape[2]} classes")
+    extractor = describe("padded_hdf5", [path], padded_to=int(m),
+                         class_distribution="none in the source" if probs is None else f"from {probs.name}")
+    settings = Settings(int(feats.shape[2]), names, extractor,
+                        feature_dtype=meta.get("feature_dtype") if meta else None)
+
+    def fetch(a, b):
+        n_all, ids = num[a:b], ids_ds[a:b]
+        fb, bb = feats[a:b], boxes[a:b]
+        pb = None if probs is None else probs[a:b]
+        out = []
+        for j in range(b - a):
+            def make(j=j):
+                n, image_id = int(n_all[j]), _str(ids[j])
+                if not 0 <= n <= m:
+                    return image_id, RowError(path, a + j, f"num_boxes {n} outside 0..{m}", image_id)
+                fields = dict(width=int(wh[a + j, 0]), height=int(wh[a + j, 1]), boxes=bb[j, :n],
+                              features=fb[j, :n], extra={"source_file": os.path.basename(path), "source_row": a + j})
+                if pb is not None:
+                    fields["class_probs"] = pb[j, :n]
+                return image_id, Decoded(image_id, path, a + j, fields)
+            out.append(_row(path, a + j, make))
+        return out
+
+    return settings, total, fetch
+
+
 def h5_source(path: str, batch: int = 64) -> Source:
     """Our layout (auto-detected by its `format` attribute) or the padded layout."""
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise ConvertError(f"{path}: cannot open as HDF5: {e}") from None
-    ours = f.attrs.get("format") == FORMAT
-    if ours:
-        if int(f.attrs.get("version", 0)) != VERSION:
-            raise ConvertError(f"{path}: regionbert-h5 version {f.attrs.get('version')}; this reads {VERSION}")
-        meta = json.loads(f.attrs["meta"])
-        settings = Settings(meta["feature_dim"], meta["class_names"], meta["extractor"],
-                            meta["attribute_names"], meta["feature_dtype"])
-        total = f["ids"].shape[0]
-        offsets, extra_offsets = f["offsets"][:], f["extra_offsets"][:]
-        arrays = [n for n in ("class_probs", "attr_probs") if n in f]
-
-        def fetch(a, b):
-            lo, hi = int(offsets[a]), int(offsets[b])
-            ids, w, h = (f[k][a:b] for k in ("ids", "width", "height"))
-            extra = f["extra"][int(extra_offsets[a]):int(extra_offsets[b])].tobytes()
-            block = {k: f[k][lo:hi] for k in ("boxes", "features", *arrays)}
-            out = []
-            for j in range(b - a):
-                s, e = int(offsets[a + j]) - lo, int(offsets[a + j + 1]) - lo
-                fields = dict(width=int(w[j]), height=int(h[j]), **{k: v[s:e] for k, v in block.items()})
-                x0, x1 = (int(extra_offsets[a + k]) - int(extra_offsets[a]) for k in (j, j + 1))
-                fields["extra"] = json.loads(extra[x0:x1]) if x1 > x0 else None
-                out.append((_str(ids[j]), Decoded(_str(ids[j]), path, a + j, fields)))
-            return out
-    else:
-        feats, boxes, num = _pick(f, "features", path), _pick(f, "boxes", path), _pick(f, "num_boxes", path)
-        ids_ds, probs = _pick(f, "ids", path), _pick(f, "class_probs", path, required=False)
-        if "image_wh" in f:
-            wh = f["image_wh"][:]
-        elif "image_w" in f and "image_h" in f:
-            wh = np.stack([f["image_w"][:], f["image_h"][:]], 1)
+    try:
+        if f.attrs.get("format") == FORMAT:
+            if int(f.attrs.get("version", 0)) != VERSION:
+                raise ConvertError(f"{path}: regionbert-h5 version {f.attrs.get('version')}; this reads {VERSION}")
+            settings, total, fetch = _ours(f, path)
         else:
-            raise ConvertError(f"{path}: no image size (image_w and image_h, or image_wh); boxes are pixels, so "
-                               "the shard needs it")
-        total, m = feats.shape[0], feats.shape[1]
-        if not (boxes.shape[:2] == (total, m) and num.shape == (total,) and wh.shape[0] == total):
-            raise ConvertError(f"{path}: padded datasets disagree: features {feats.shape}, boxes {boxes.shape}, "
-                               f"num_boxes {num.shape}, sizes {wh.shape}")
-        meta = json.loads(f.attrs["meta"]) if "meta" in f.attrs else None
-        names = meta["class_names"] if meta and probs is not None else (
-            None if probs is None else ["__background__", *(f"class_{i}" for i in range(1, probs.shape[2]))])
-        extractor = describe("padded_hdf5", [path], padded_to=int(m),
-                             class_distribution="none in the source" if probs is None else f"from {probs.name}")
-        settings = Settings(int(feats.shape[2]), names, extractor,
-                            feature_dtype=meta["feature_dtype"] if meta else None)
-
-        def fetch(a, b):
-            n_all, ids = num[a:b], ids_ds[a:b]
-            fb, bb = feats[a:b], boxes[a:b]
-            pb = None if probs is None else probs[a:b]
-            out = []
-            for j in range(b - a):
-                n, image_id = int(n_all[j]), _str(ids[j])
-                if not 0 <= n <= m:
-                    out.append((image_id, RowError(path, a + j, f"num_boxes {n} outside 0..{m}", image_id)))
-                    continue
-                fields = dict(width=int(wh[a + j, 0]), height=int(wh[a + j, 1]), boxes=bb[j, :n], features=fb[j, :n],
-                              extra={"source_file": os.path.basename(path), "source_row": a + j})
-                if pb is not None:
-                    fields["class_probs"] = pb[j, :n]
-                out.append((image_id, Decoded(image_id, path, a + j, fields)))
-            return out
+            settings, total, fetch = _padded(f, path)
+    except OSError as e:  # a damaged header or index: not one row's fault
+        f.close()
+        raise ConvertError(f"{path}: cannot read its datasets: {e}") from None
+    except BaseException:
+        f.close()
+        raise
 
     def batches(skip):
         try:

@@ -1,0 +1,124 @@
+"""Inputs from a careless or hostile stranger (issue 22, item 8): malformed HDF5 files, configs, caption
+files, image folders and output paths get a clean error naming the file (and row), exit code 2, never a
+traceback or a hang; nothing already written is lost and nothing outside the output changes."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from regionbert.data import ShardReader
+from regionbert.data.cli import main as shards_main
+
+
+# ----------------------------------------------------------------------------- HDF5 import
+def _replace(f, name, data):
+    del f[name]
+    f.create_dataset(name, data=data)
+
+
+def _swap_offsets(f):
+    o = f["offsets"][:]
+    o[5], o[6] = o[6], o[5]  # one step back in the middle: before, 40 records imported, some with 0 boxes
+    assert o[5] > o[6]
+    _replace(f, "offsets", o)
+
+
+OURS = {  # mutation, what the error must say (after the file name)
+    "decreasing_offsets": (_swap_offsets, r" row 5: offsets decrease \(offsets\[5\] = \d+, offsets\[6\] = \d+\)"),
+    "offsets_past_the_data": (lambda f: _replace(f, "offsets", f["offsets"][:] * 1000), r".*offsets end at \d+"),
+    "offsets_too_short": (lambda f: _replace(f, "offsets", f["offsets"][:-5]), r": dataset 'offsets' has 36 rows, "
+                          "expected 41"),
+    "no_boxes": (lambda f: f.__delitem__("boxes"), r": no 'boxes' dataset"),
+    "string_features": (lambda f: _replace(f, "features", np.zeros(f["features"].shape, "S4")),
+                        r": dataset 'features' is \|S4 of shape \(\d+, 64\), expected 2-D float"),
+    "float_ids": (lambda f: _replace(f, "ids", np.arange(40.0)), r": dataset 'ids' is float64 .* expected 1-D string"),
+    "meta_not_json": (lambda f: f.attrs.__setitem__("meta", "{not json"), r": attribute 'meta' is not JSON"),
+    "meta_a_list": (lambda f: f.attrs.__setitem__("meta", "[1]"), r": attribute 'meta' is JSON list"),
+    "boxes_a_group": (lambda f: (f.__delitem__("boxes"), f.create_group("boxes")), r": 'boxes' is a Group"),
+    "decreasing_extra_offsets": (lambda f: _replace(f, "extra_offsets", f["extra_offsets"][:][::-1].copy()),
+                                 r".*extra_offsets"),
+}
+PADDED = {
+    "features_2d": (lambda f: _replace(f, "features", f["features"][:, :, 0]),
+                    r": dataset 'features' is float16 of shape \(40, \d+\), expected 3-D float"),
+    "boxes_of_3": (lambda f: _replace(f, "boxes", f["boxes"][:, :, :3]), r": dataset 'boxes' has shape"),
+    "widths_too_short": (lambda f: _replace(f, "image_w", f["image_w"][:5]), r": dataset 'image_w' has 5 rows"),
+    "float_num_boxes": (lambda f: _replace(f, "num_boxes", f["num_boxes"][:] + 0.5), r": dataset 'num_boxes' is "
+                        "float64"),
+    "ids_2d": (lambda f: _replace(f, "image_id", np.zeros((40, 2), "S3")), r": dataset 'image_id' is \|S3"),
+    "probs_2d": (lambda f: _replace(f, "class_probs", f["class_probs"][:, 0]), r": dataset 'class_probs' is"),
+    "meta_a_list": (lambda f: f.attrs.__setitem__("meta", "[1]"), r": attribute 'meta' is JSON list"),
+}
+
+
+@pytest.fixture(scope="module")
+def h5_files(tmp_path_factory):
+    from regionbert.data.synth import write_synthetic_shard
+
+    d = tmp_path_factory.mktemp("h5")
+    write_synthetic_shard(str(d / "s"), 40, feature_dim=64, min_boxes=0, max_boxes=20, seed=1)
+    assert shards_main(["export", str(d / "s"), "--to", "hdf5", "-o", str(d / "ours.h5"), "-q"]) == 0
+    assert shards_main(["export", str(d / "s"), "--to", "padded_hdf5", "-o", str(d / "padded.h5"), "-q"]) == 0
+    return d
+
+
+def _import_mutated(h5_files, tmp_path, layout: str, mutate):
+    bad = tmp_path / f"bad-{layout}.h5"
+    shutil.copy(h5_files / f"{layout}.h5", bad)
+    with h5py.File(bad, "r+") as f:
+        mutate(f)
+    before = bad.read_bytes()
+    out = tmp_path / "out"
+    rc = shards_main(["import", str(bad), "-o", str(out), "-q"])
+    assert bad.read_bytes() == before  # the source is only read
+    return rc, out, bad
+
+
+@pytest.mark.parametrize("layout, case", [("ours", k) for k in OURS] + [("padded", k) for k in PADDED])
+def test_malformed_hdf5_is_refused_naming_file_and_dataset(h5_files, tmp_path, capsys, layout, case):
+    mutate, says = (OURS if layout == "ours" else PADDED)[case]
+    rc, out, bad = _import_mutated(h5_files, tmp_path, layout, mutate)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"regionbert-shards import: error: {bad}"), err
+    assert re.search(re.escape(str(bad)) + says, err), err
+    assert not out.exists()  # refused before the shard was created
+
+
+@pytest.mark.parametrize("layout", ["ours", "padded"])
+def test_nan_boxes_in_hdf5_stop_at_the_row_keeping_what_came_before(h5_files, tmp_path, capsys, layout):
+    def nan_row_3(f):
+        b = f["boxes"][:]
+        if layout == "ours":
+            o = f["offsets"][:]
+            k = next(i for i in range(3, 40) if o[i + 1] > o[i])  # the first record from row 3 with a box
+            b[o[k]] = np.nan
+        else:
+            k = next(i for i in range(3, 40) if f["num_boxes"][i] > 0)
+            b[k, 0] = np.nan
+        _replace(f, "boxes", b)
+        f.attrs["nan_row"] = k
+
+    rc, out, bad = _import_mutated(h5_files, tmp_path, layout, nan_row_3)
+    with h5py.File(bad, "r") as f:
+        k = int(f.attrs["nan_row"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{bad} row {k}: " in err and "NaN" in err, err
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert len(ShardReader(str(out))) == k  # the rows before it are committed
+
+
+def test_bad_extra_json_in_hdf5_is_a_row_error(h5_files, tmp_path, capsys):
+    def garble(f):
+        e = f["extra"][:]
+        e[:] = ord("x")
+        _replace(f, "extra", e)
+
+    rc, out, bad = _import_mutated(h5_files, tmp_path, "ours", garble)
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{bad} row 0: cannot read the row (JSONDecodeError" in err and "Traceback" not in err, err
