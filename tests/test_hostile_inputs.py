@@ -122,3 +122,66 @@ def test_bad_extra_json_in_hdf5_is_a_row_error(h5_files, tmp_path, capsys):
     rc, out, bad = _import_mutated(h5_files, tmp_path, "ours", garble)
     err = capsys.readouterr().err
     assert rc == 2 and f"{bad} row 0: cannot read the row (JSONDecodeError" in err and "Traceback" not in err, err
+
+
+# ----------------------------------------------------------------------------- configs
+BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+        "layer_norm_eps": 1e-12, "vocab_size": 30, "max_position_embeddings": 64}
+
+
+def _bert_folder(tmp_path, **changes):
+    import json
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({**BERT, **changes}))
+    (bert / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(30)) + "\n")
+    return bert
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"num_hidden_layers": -1}, "model.num_layers = -1 is out of range"),
+    ({"hidden_size": 0}, "model.hidden_size = 0 is out of range"),
+    ({"layer_norm_eps": -1.0}, "model.layer_norm_eps"),
+    ({"vocab_size": None}, "not a BERT config this can read (TypeError"),
+    ({"num_attention_heads": 1e999}, "not a BERT config this can read (OverflowError"),
+])
+def test_init_from_config_json_passes_the_same_ranges(tmp_path, capsys, changes, says):
+    """Before, num_hidden_layers -1 trained a model with no layers and exited 0."""
+    from regionbert.train.cli import main as pretrain_main
+
+    bert = _bert_folder(tmp_path, **changes)
+    out = tmp_path / "run"
+    rc = pretrain_main(["--set", f"run.init_from={bert}", "--set", "model.max_text_len=24", "--set", "run.device=cpu",
+                        "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{bert / 'config.json'}: " in err and says in err, err
+    assert not (out / "checkpoint.pt").exists() and not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply to be a config"),
+    ('{"a":' * 100_000 + "1" + "}" * 100_000, "nested too deeply to be a config"),
+    ("[1, 2]", "a config is a table of sections (model, data, ...), not a list"),
+    ('"model"', "not a str"),
+    ('{"data": [1], "run": 3}', "[data] must be a table of settings"),
+])
+def test_configs_that_are_not_tables_are_refused_naming_the_file(tmp_path, capsys, text, says):
+    from regionbert.train.cli import main as pretrain_main
+
+    path = tmp_path / "hostile.json"
+    path.write_text(text)
+    assert pretrain_main([str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"regionbert-pretrain: error: {path}: ") and says in err, err
+
+
+def test_a_deeply_nested_toml_config_and_override_are_refused(tmp_path, capsys):
+    from regionbert.train.cli import main as pretrain_main
+
+    path = tmp_path / "hostile.toml"
+    path.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert pretrain_main([str(path), "--print-config"]) == 2
+    assert f"{path}: nested too deeply" in capsys.readouterr().err
+    assert pretrain_main(["--print-config", "--set", "tasks.mix=" + "[" * 100_000 + "]" * 100_000]) == 2
+    assert "--set tasks.mix: its value is nested too deeply" in capsys.readouterr().err

@@ -165,6 +165,8 @@ def parse_override(text: str) -> tuple[str, object]:
         value = json.loads(raw)
     except ValueError:
         value = None if raw.lower() == "none" else raw
+    except RecursionError:
+        raise ValueError(f"--set {key}: its value is nested too deeply to be a setting") from None
     return key, value
 
 
@@ -180,15 +182,23 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
                 d = json.load(f) if path.endswith(".json") else tomllib.load(f)
             except ValueError as e:  # TOMLDecodeError is a ValueError
                 raise ValueError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'}: {e}") from None
+            except RecursionError:  # e.g. [[[[... 100,000 deep: no config nests more than a few levels
+                raise ValueError(f"{path}: nested too deeply to be a config") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a config is a table of sections (model, data, ...), not a "
+                             f"{type(d).__name__}")
         base = os.path.dirname(os.path.abspath(path))  # relative data paths are relative to the config file
+        data = d.get("data") if isinstance(d.get("data"), dict) else {}  # (not a table: config_from_dict says so)
+        run = d.get("run") if isinstance(d.get("run"), dict) else {}
         for k in ("captions", "tokenizer"):
-            if d.get("data", {}).get(k):
-                d["data"][k] = os.path.join(base, d["data"][k])
-        if d.get("run", {}).get("init_from"):
-            d["run"]["init_from"] = os.path.join(base, d["run"]["init_from"])
-        if isinstance(d.get("data", {}).get("shards"), (str, list)):
-            s = d["data"]["shards"]
-            d["data"]["shards"] = [os.path.join(base, p) for p in ([s] if isinstance(s, str) else s)]
+            if isinstance(data.get(k), str) and data[k]:
+                data[k] = os.path.join(base, data[k])
+        if isinstance(run.get("init_from"), str) and run["init_from"]:
+            run["init_from"] = os.path.join(base, run["init_from"])
+        if isinstance(data.get("shards"), (str, list)):
+            s = data["shards"]
+            data["shards"] = [os.path.join(base, p) if isinstance(p, str) else p
+                              for p in ([s] if isinstance(s, str) else s)]
     cfg = config_from_dict(d, path or "config")
     for o in overrides:
         set_value(cfg, *parse_override(o))

@@ -13,7 +13,7 @@ from regionbert.data import ShardSet
 
 from .bert import apply_bert_config, bert_tokenizer, load_bert
 from .checkpoint import check_resumable, load_checkpoint, resolve_resume, rng_state, save_run_checkpoint, set_rng_state
-from .config import Config, save_config
+from .config import Config, check, save_config
 from .data import PairDataset, Pairs, TaskSampler, TokenBucketSampler, collate
 from .distributed import Dist, close_distributed, digests_agree, gather_tensors, init_distributed
 from .evaluate import evaluate_held_out
@@ -75,7 +75,15 @@ def apply_init_from(cfg: Config) -> list[str]:
     """run.init_from: the BERT's architecture into cfg.model, its tokenizer into data.tokenizer if unset."""
     if not cfg.run.init_from:
         return []
-    changed = apply_bert_config(cfg.model, cfg.run.init_from)
+    source = os.path.join(cfg.run.init_from, "config.json")
+    try:
+        changed = apply_bert_config(cfg.model, cfg.run.init_from)
+    except ValueError as e:
+        if str(e).startswith(source):  # read_bert_config's own errors name the file already
+            raise
+        raise ValueError(f"{source}: {e}") from None
+    except (TypeError, AttributeError, OverflowError, RecursionError, KeyError) as e:  # a list, null, 1e999, ...
+        raise ValueError(f"{source}: not a BERT config this can read ({type(e).__name__}: {e})") from None
     if cfg.model.itm_head_init == "auto":  # BERT's pooler is loaded; the ITM classifier at 0.02 (UNITER)
         cfg.model.itm_head_init = "bert"
         changed.append("model.itm_head_init: auto -> bert")
@@ -87,6 +95,10 @@ def apply_init_from(cfg: Config) -> list[str]:
         if not found:
             raise ValueError(f"{cfg.run.init_from}: no vocab.txt or tokenizer.json; set data.tokenizer")
         cfg.data.tokenizer, cfg.data.lowercase = found
+    try:  # the BERT's values pass the same ranges as the config's own (num_hidden_layers -1 trained no layers)
+        check(cfg)
+    except ValueError as e:
+        raise ValueError(f"{source}: gives a model out of range: {e}") from None
     return changed
 
 
@@ -150,7 +162,8 @@ def _run(cfg: Config, resume, print_fn, d: Dist) -> dict:
         loaded = load_bert(model, cfg.run.init_from)
         logger.print(f"initialised {len(loaded)} tensors from the BERT in {cfg.run.init_from}")
     model.to(d.device)
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps)
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps,
+                                balance=model.encoder.parameters() if os.environ.get("RB_BALANCE") else None)
     scheduler = build_scheduler(optimizer, o.warmup_steps, o.steps)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.run.precision == "fp16")
     if state:
