@@ -11,12 +11,28 @@ never closed, so the numpy views handed out by readers never dangle.
 An incomplete shard (its writer crashed, or is still running) is opened with LMDB's lock for each read
 and its records are copied out. Where the lock file cannot be made (a read-only location), it is read
 without, which is safe only while no writer runs; `lockless` says so and the reader warns.
+
+A shard's files are regular files inside its folder, and nothing is followed that this process did not
+make (the shard may come from a hostile stranger, and LMDB writes its lock table into lock.mdb, opening it
+read-write and creating it if absent, through any link it finds there). So before LMDB sees a shard,
+data.mdb (and, for a locked open, lock.mdb) are opened here with O_NOFOLLOW and must be regular files
+(lock.mdb: with one link, as it is written); a symlink, dangling or not, or anything else is a ShardError
+naming the shard and the file, and lock.mdb is created, if absent, by that same O_NOFOLLOW open, never
+through a link. LMDB is then handed exactly those files, not their names in the shard folder (which could
+be swapped for a link in between): in a private temporary folder, links made here to /proc/self/fd/<fd>
+of the files opened above, given to LMDB as `data.mdb` and `data.mdb-lock` (MDB_NOSUBDIR). LMDB's locks
+are on the lock file's inode, so a reader that opens it this way shares them with the writer that opened
+it by name. Without /proc (not Linux), LMDB opens the names after the same checks (a race then remains
+with someone swapping a file for a link in that instant).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
+import stat
+import tempfile
 import threading
 from contextlib import contextmanager
 
@@ -38,11 +54,106 @@ from .lmdbcheck import check_file
 _READ_ONLY_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+class _NoLockHere(ShardError):
+    """lock.mdb cannot be opened for writing here (a read-only location): read without LMDB's lock."""
+
+
+_PIN = os.path.isdir("/proc/self/fd")  # Linux: LMDB is handed the very files opened here (module docstring)
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO planted as a shard file never hangs us
+
+
+def _not_a_file(path: str, name: str, why: str) -> ShardError:
+    return ShardError(f"{path}: {name} {why}; a shard's files must be regular files inside its folder, and "
+                      "nothing is opened through a link (replace it with the file itself)")
+
+
+def _open_shard_file(path: str, name: str, flags: int, written: bool) -> int:
+    """A descriptor of path/name opened without following a link; it must be a regular file (and, if this
+    process writes it, have one link: a hard link would write someone else's file too)."""
+    try:
+        fd = os.open(os.path.join(path, name), flags | _NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _not_a_file(path, name, "is a symbolic link") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or written and st.st_nlink != 1:
+        os.close(fd)
+        raise _not_a_file(path, name, "is not a regular file" if not stat.S_ISREG(st.st_mode)
+                          else f"has {st.st_nlink} hard links")
+    return fd
+
+
+def check_shard_files(path: str, missing_ok: bool = False) -> None:
+    """ShardError naming the file unless data.mdb is a regular file of path's own (absent: not a shard, or
+    fine if missing_ok: a writer's new shard). By lstat: follows nothing. (lock.mdb is checked where it is
+    used: by the O_NOFOLLOW open of a locked read.)"""
+    try:
+        st = os.lstat(os.path.join(path, "data.mdb"))
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise ShardError(f"{path}: not a shard (no data.mdb in this folder)") from None
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read data.mdb: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _not_a_file(path, "data.mdb", "is a symbolic link")
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_a_file(path, "data.mdb", "is not a regular file")
+
+
+def open_pinned(path: str, lock: bool, write: bool = False, **kw):
+    """lmdb.open of the shard folder `path`, LMDB given the data.mdb (and, if lock, lock.mdb) opened here
+    with O_NOFOLLOW (module docstring). write: the writer's open (data.mdb read-write, created if absent).
+    ShardError naming the file for a link or non-regular file; _NoLockHere where lock.mdb cannot be
+    opened for writing; lmdb.Error from LMDB itself."""
+    fds = []
+    try:
+        try:
+            data_flags = os.O_RDWR | os.O_CREAT if write else os.O_RDONLY
+            fds.append(_open_shard_file(path, "data.mdb", data_flags, written=write))
+        except FileNotFoundError:
+            raise ShardError(f"{path}: not a shard (no data.mdb in this folder)") from None
+        except OSError as e:
+            raise ShardError(f"{path}: cannot open data.mdb: {e.strerror}") from None
+        if lock:
+            try:
+                fds.append(_open_shard_file(path, "lock.mdb", os.O_RDWR | os.O_CREAT, written=True))
+            except OSError as e:
+                if e.errno in _READ_ONLY_ERRORS:
+                    raise _NoLockHere(f"{path}: cannot open lock.mdb for writing: {e.strerror}") from None
+                raise ShardError(f"{path}: cannot open lock.mdb: {e.strerror}") from None
+        return _lmdb_open(path, fds, lock=lock, readonly=not write, **kw)
+    finally:
+        for fd in fds:  # LMDB holds its own descriptors of the same files
+            os.close(fd)
+
+
+def _lmdb_open(path: str, fds: list, **kw):
+    """LMDB opens the files behind fds through links made here, in a private folder; without /proc, or
+    where no temporary folder can be made, it opens the names in path (checked just before)."""
+    tmp = None
+    if _PIN:
+        try:
+            tmp = tempfile.mkdtemp(prefix="regionbert-shard-")
+        except OSError:
+            tmp = None
+    if tmp is None:
+        return lmdb.open(path, subdir=True, **kw)
+    try:
+        name = os.path.join(tmp, "data.mdb")
+        os.symlink(f"/proc/self/fd/{fds[0]}", name)
+        if len(fds) > 1:
+            os.symlink(f"/proc/self/fd/{fds[1]}", name + "-lock")  # LMDB's lock file name with MDB_NOSUBDIR
+        return lmdb.open(name, subdir=False, **kw)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # LMDB keeps its descriptors, not the names
+
+
 def _open_env(path: str, lock: bool):
     """(environment, (records, order, meta) tables), read-only; ShardError if it is not a shard."""
     try:
-        env = lmdb.open(path, subdir=True, readonly=True, lock=lock, readahead=False, max_dbs=3,
-                        max_readers=1024)
+        env = open_pinned(path, lock, readahead=False, max_dbs=3, max_readers=1024)
     except lmdb.Error as e:
         hint = (" (each shard read keeps one file open for the life of the process: raise `ulimit -n`, or use "
                 "fewer, larger shards)" if "Too many open files" in str(e) else "")
@@ -57,6 +168,8 @@ def _open_env(path: str, lock: bool):
 
 def _cannot_lock(e: ShardError) -> bool:
     """Whether opening with LMDB's lock failed only because the lock file cannot be made here."""
+    if isinstance(e, _NoLockHere):
+        return True
     msg = str(e)
     return any(os.strerror(n) in msg for n in _READ_ONLY_ERRORS)
 
@@ -65,8 +178,7 @@ class Handle:
     """This process's view of one shard: metadata, state, count, and how to read it."""
 
     def __init__(self, path: str):
-        if not os.path.isfile(os.path.join(path, "data.mdb")):
-            raise ShardError(f"{path}: not a shard (no data.mdb in this folder)")
+        check_shard_files(path)  # regular files of its own, no links: before anything reads them
         check_file(path)  # data/lmdbcheck.py: a truncated or garbled file is an error here, not a SIGBUS later
         self.path = path
         self.env = None  # set for complete shards: the shared, lock-free, never-closed environment
@@ -152,7 +264,7 @@ _HANDLES_LOCK = threading.Lock()
 
 def _signature(path: str) -> tuple:
     try:
-        st = os.stat(os.path.join(path, "data.mdb"))
+        st = os.lstat(os.path.join(path, "data.mdb"))  # (a link is refused by Handle: it has no identity here)
     except OSError:
         return ()
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

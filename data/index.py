@@ -147,7 +147,14 @@ def compact_copy(src: str, dst: str) -> str:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-        h.env.copy(tmp, compact=True)
+        # into a file made here (O_EXCL: never through a link); the source environment is opened through
+        # pinned names (handles.py), so LMDB's copy-by-path would not know the folder layout
+        fd = os.open(os.path.join(tmp, "data.mdb"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            h.env.copyfd(fd, compact=True)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         expected, got = content_hash(src), _copy_hash(tmp, h.meta)
         if got != expected:
             raise ShardError(f"{tmp}: copy's content hash {got} differs from the source's {expected}")

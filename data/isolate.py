@@ -14,6 +14,7 @@ import select
 import signal
 
 from .errors import ShardError
+from .handles import check_shard_files
 from .lmdbcheck import check_file
 
 STALL_SECONDS = 600  # a verify child that reports no progress for this long is stuck in a damaged tree
@@ -80,6 +81,7 @@ def verify_isolated(path: str, progress=None, total=None):
 
     path = os.path.abspath(path)
     try:
+        check_shard_files(path)  # data.mdb a regular file of the shard's own (not a link): before reading it
         check_file(path)
     except ShardError as e:
         return VerifyReport(path, problems=[str(e)])

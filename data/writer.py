@@ -29,7 +29,7 @@ from .format import (  # noqa: F401 - DB_*, META_*, order_key, comparable_settin
     order_key,
     settings_diff,
 )
-from .handles import open_for_reading_here
+from .handles import check_shard_files, open_for_reading_here, open_pinned
 from .lmdbcheck import check_file, write_error
 from .lock import WriterLock
 
@@ -88,9 +88,12 @@ class ShardWriter:
 
     def _open(self, map_size, feature_dim, feature_dtype, class_names, attribute_names, extractor, append) -> None:
         os.makedirs(self.path, exist_ok=True)
+        check_shard_files(self.path, missing_ok=True)  # handles.py: a link in data.mdb's place is never read
         check_file(self.path, empty_ok=True)  # data/lmdbcheck.py: never map a damaged file
         try:
-            self._env = lmdb.open(self.path, subdir=True, map_size=map_size, max_dbs=3, meminit=False)
+            # data.mdb and LMDB's lock.mdb opened with O_NOFOLLOW, regular files with one link (handles.py): a
+            # shard handed over with a link planted there is refused, nothing is written through it
+            self._env = open_pinned(self.path, lock=True, write=True, map_size=map_size, max_dbs=3, meminit=False)
         except lmdb.Error as e:
             raise ShardError(f"{self.path}: cannot open for writing: {e}") from None
         self._records = self._env.open_db(DB_RECORDS)

@@ -7,12 +7,17 @@ clean error (exit code 2 naming the file), that nothing outside the shard change
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
+from train_synth import write_dataset
 
-from regionbert.data import ShardReader, ShardWriter, verify_shard
+from regionbert.data import ShardError, ShardReader, ShardSet, ShardWriter, verify_shard
+from regionbert.data.cli import main as shards_main
 from regionbert.data.lock import INSIDE_NAME, ShardBusyError
 from regionbert.data.synth import write_synthetic_shard
 
@@ -171,3 +176,155 @@ def test_a_second_mount_of_the_folder_is_refused(tmp_path):
     report = verify_shard(a)  # the first writer's 40 records, each with its order entry; none of the second's
     assert report.ok and report.count == report.checked == 40, (report.problems, report.bad)
     assert not [k for k in ShardReader(a).keys() if k.startswith("other")]
+
+
+# ---- item 1: a reader never creates or writes anything through a lock.mdb / data.mdb it did not make ----------
+
+SET_COMPLETE = """
+import json, sys, lmdb
+env = lmdb.open(sys.argv[1], subdir=True, max_dbs=3, lock=False)
+meta_db = env.open_db(b"meta")
+with env.begin(write=True) as txn:
+    state = json.loads(bytes(txn.get(b"state", db=meta_db)))
+    txn.put(b"state", json.dumps({**state, "complete": sys.argv[2] == "true"}).encode(), db=meta_db)
+env.close()
+"""
+
+
+def _set_complete(path: str, complete: bool) -> None:
+    """Rewrite the shard's state (the attacker's edit: an incomplete shard is read with LMDB's lock). In a
+    child: this process may hold the shard open already (LMDB allows one environment per file)."""
+    subprocess.run([sys.executable, "-c", SET_COMPLETE, path, str(complete).lower()], check=True, timeout=120)
+
+
+def _data_bytes(shard: str) -> bytes:
+    return open(os.path.join(shard, "data.mdb"), "rb").read()
+
+
+def _plant_lock(tmp_path, shard: str, plant: str) -> str:
+    """lock.mdb replaced by `plant`; returns the victim file (or the path a dangling link names)."""
+    lock = os.path.join(shard, "lock.mdb")
+    if os.path.exists(lock):
+        os.remove(lock)
+    if plant == "dangling":
+        victim = str(tmp_path / "made-through-the-link")
+        os.symlink(victim, lock)
+        return victim
+    victim = _victim(tmp_path)
+    if plant == "symlink":
+        os.symlink(victim, lock)
+    elif plant == "hardlink":
+        os.link(victim, lock)
+    else:
+        os.mkfifo(lock)
+    return victim
+
+
+@pytest.fixture
+def incomplete(tmp_path):
+    """`synth s -n 20 --dim 16`, its state then set to incomplete (as in the issue)."""
+    shard = str(tmp_path / "s")
+    write_synthetic_shard(shard, 20, feature_dim=16, seed=2, min_boxes=0, max_boxes=4)
+    _set_complete(shard, False)
+    image = str(tmp_path / "image.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    return shard, image
+
+
+READERS = {
+    "inspect": lambda s, t: shards_main(["inspect", s]),
+    "verify": lambda s, t: shards_main(["verify", "-q", s]),
+    "show": lambda s, t: shards_main(["show", s, "--image", str(t / "image.png"), "-o", str(t / "show.png")]),
+    "export": lambda s, t: shards_main(["export", s, "--to", "hdf5", "-q", "-o", str(t / "all.h5")]),
+    "index --force": lambda s, t: shards_main(["index", s, "--force", "-q", "-o", str(t / "index.json")]),
+    "ShardSet": lambda s, t: len(ShardSet(s)) and sum(float(r.features.sum()) for r in ShardSet(s)),
+    "ShardReader": lambda s, t: [r.id for r in ShardReader(s)],
+}
+
+
+@pytest.mark.parametrize("plant", ["symlink", "dangling", "hardlink", "fifo"])
+@pytest.mark.parametrize("reader", list(READERS))
+def test_readers_never_write_through_a_planted_lock_mdb(tmp_path, incomplete, capsys, reader, plant):
+    shard, _ = incomplete
+    victim = _plant_lock(tmp_path, shard, plant)
+    data = _data_bytes(shard)
+    try:
+        rc = READERS[reader](shard, tmp_path)
+    except ShardError as e:
+        rc, text = 2, str(e)
+    else:
+        text = "".join(capsys.readouterr())
+    why = {"symlink": "is a symbolic link", "dangling": "is a symbolic link", "hardlink": "has 2 hard links",
+           "fifo": "is not a regular file"}[plant]
+    assert rc in (1, 2) and f"{shard}: lock.mdb {why}" in text, text  # verify: 1 (FAILED, naming the problem)
+    if plant == "dangling":
+        assert not os.path.lexists(victim)  # nothing created through the link
+    else:
+        assert _unchanged(victim)
+    assert _data_bytes(shard) == data  # the shard itself untouched
+    assert not os.path.exists(tmp_path / "index.json")
+
+
+def test_the_trainer_never_writes_through_a_planted_lock_mdb(tmp_path):
+    d = write_dataset(str(tmp_path / "d"), n_train=12, n_val=4, feature_dim=8, min_boxes=1, max_boxes=4)
+    shard = d["shards"]
+    _set_complete(shard, False)
+    victim = _plant_lock(tmp_path, shard, "symlink")
+    args = [f"--set=data.shards={shard}", f"--set=data.captions={d['captions']}",
+            f"--set=data.tokenizer={d['tokenizer']}", "--set=optim.steps=1", "--out", str(tmp_path / "run")]
+    r = subprocess.run([sys.executable, "-m", "regionbert.train.cli", *args], capture_output=True, text=True,
+                       cwd="/", timeout=600)
+    assert r.returncode == 2 and f"{shard}: lock.mdb is a symbolic link" in r.stderr, r.stdout[-2000:] + r.stderr
+    assert "Traceback" not in r.stderr and _unchanged(victim)
+
+
+def test_an_incomplete_shard_still_reads_with_its_lock(tmp_path, incomplete):
+    """The pinned open (LMDB handed the lock.mdb opened here) still takes LMDB's reader lock: a reader of an
+    incomplete shard sees every committed record, and the lock.mdb it created is a plain file in the folder."""
+    shard, _ = incomplete
+    os.remove(os.path.join(shard, "lock.mdb"))
+    with pytest.warns(UserWarning, match="incomplete"):
+        r = ShardReader(shard)
+    assert len(r) == 20 and len([x.id for x in r]) == 20
+    st = os.lstat(os.path.join(shard, "lock.mdb"))
+    assert stat.S_ISREG(st.st_mode) and st.st_size > 0  # LMDB's lock table, written into the file made here
+
+
+@pytest.mark.parametrize("target", ["another shard", "a private file"])
+def test_a_data_mdb_link_is_refused_by_every_reader(tmp_path, capsys, target):
+    shard = str(tmp_path / "s")
+    write_synthetic_shard(shard, 5, feature_dim=16, seed=1, min_boxes=0, max_boxes=3)
+    if target == "another shard":
+        other = str(tmp_path / "elsewhere")
+        write_synthetic_shard(other, 7, feature_dim=16, seed=5, min_boxes=0, max_boxes=3)
+        linked = os.path.join(other, "data.mdb")
+    else:
+        linked = _victim(tmp_path, "private.txt")
+    os.remove(os.path.join(shard, "data.mdb"))
+    os.symlink(linked, os.path.join(shard, "data.mdb"))
+    for reader in READERS.values():
+        try:
+            rc = reader(shard, tmp_path)
+        except ShardError as e:
+            rc, text = 2, str(e)
+        else:
+            text = "".join(capsys.readouterr())
+        assert rc in (1, 2) and f"{shard}: data.mdb is a symbolic link" in text, text
+        assert "the reader's own" not in text and "0x" not in text  # no byte of the linked file echoed
+
+
+@pytest.mark.parametrize("name", ["lock.mdb", "data.mdb"])
+def test_a_writer_resuming_a_shard_never_writes_through_its_links(tmp_path, incomplete, name):
+    shard, _ = incomplete
+    victim = _victim(tmp_path)
+    target = os.path.join(shard, name)
+    if name == "data.mdb":  # the real file moved away, a link in its place
+        os.rename(target, str(tmp_path / "moved.mdb"))
+        shutil.copyfile(str(tmp_path / "moved.mdb"), victim)
+    else:
+        os.remove(target)
+    before = open(victim, "rb").read()
+    os.symlink(victim, target)
+    r = _cli("synth", shard, "-n", "30", "--dim", "16", "--seed", "2", "--min-boxes", "0", "--max-boxes", "4", "-q")
+    assert r.returncode == 2 and f"{shard}: {name} is a symbolic link" in r.stderr, r.stderr
+    assert open(victim, "rb").read() == before
