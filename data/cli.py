@@ -68,7 +68,10 @@ def _indexed(sources, allow_outside: bool) -> dict:
 def cmd_verify(args) -> int:
     failed = 0
     indexed = _indexed(args.shards, args.allow_outside)
-    for path in resolve_sources(args.shards, args.allow_outside)[0]:
+    paths = resolve_sources(args.shards, args.allow_outside)[0]
+    if not paths:  # (load_index refuses an empty index already: never "verified" with nothing checked)
+        raise ShardError(f"{' '.join(args.shards)}: no shards to verify")
+    for path in paths:
         with tqdm(desc=f"verify {path}", unit="rec", disable=args.quiet, leave=False) as bar:
             # checksums, tables and the record rules (data/checks.py), walked in a child process: a damaged
             # file can kill LMDB's reader, and then the child dies, not this command (data/lmdbcheck.py)

@@ -31,7 +31,7 @@ from .format import (
     stored_checksum,
 )
 from .handles import get_handle as _handle
-from .indexfile import INDEX_FORMAT, INDEX_VERSION, check_inside, load_index  # noqa: F401 - load_index: public API
+from .indexfile import INDEX_FORMAT, INDEX_VERSION, check_inside, load_index, shard_identity  # noqa: F401 - load_index: public API
 from .lock import WriterLock, check_not_written
 from .reader import ShardReader, resolve_sources
 
@@ -190,9 +190,13 @@ def build_index(sources, out_path: str, force: bool = False, progress=None, allo
     if not paths:
         raise ShardError(f"{sources}: no shards")
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    entries, first = [], None
+    entries, first, seen = [], None, {}
     for p in paths:
         p = os.path.abspath(p)
+        ident = shard_identity(p)  # a shard given twice (a name and a symlink to it) would be read twice
+        if ident in seen:
+            raise ShardError(f"{p}: the same shard as {seen[ident]}; list each shard once")
+        seen[ident] = p
         h = _handle(p, refresh=True)
         if first is None:
             first = h.meta

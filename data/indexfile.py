@@ -6,6 +6,13 @@ to a place outside that folder is refused unless the caller allows it (`allow_ou
 `--allow-outside`): whoever hands out an index should not be able to point readers anywhere on disk.
 Each entry carries the shard's record count and content hash, which readers compare at open with what
 the shard itself stores (handles.py, reader.ShardSet).
+
+Containment covers the shard's files too: a folder inside whose data.mdb or lock.mdb is a link elsewhere
+is refused by every reader, index or not (handles.py opens them with O_NOFOLLOW). One shard may not be
+listed twice, under two names that reach the same folder (a name and a symlink to it inside the index's
+folder): entries are told apart by the folder's identity (device and inode), so its records are not read
+twice. An index that lists no shards is refused: regionbert never writes one, and `verify` of it would
+otherwise check nothing and say nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +69,9 @@ def load_index(path: str, allow_outside: bool = False) -> dict:
     shards = index.get("shards")
     if not isinstance(shards, list):
         raise ShardError(f"{path}: index has no list of shards")
+    if not shards:
+        raise ShardError(f"{path}: index lists no shards; nothing to read or verify (rebuild it with "
+                         "`regionbert-shards index`)")
     seen = {}
     for i, s in enumerate(shards):
         count = s.get("count") if isinstance(s, dict) else None
@@ -75,7 +85,20 @@ def load_index(path: str, allow_outside: bool = False) -> dict:
                              f"('{HASH_PREFIX}...'); rebuild the index with `regionbert-shards index`")
         check_inside(base, s["path"], f"{path}: shard entry {i}", allow_outside)
         s["path"] = os.path.normpath(os.path.join(base, s["path"]))
-        if s["path"] in seen:
-            raise ShardError(f"{path}: shard entries {seen[s['path']]} and {i} both name {s['path']}")
-        seen[s["path"]] = i
+        ident = shard_identity(s["path"])
+        if ident in seen:
+            j = seen[ident]
+            raise ShardError(f"{path}: shard entries {j} ({shards[j]['path']}) and {i} ({s['path']}) name the same "
+                             "shard; each shard may be listed once (its records would be read twice)")
+        seen[ident] = i
     return index
+
+
+def shard_identity(folder: str) -> tuple:
+    """What tells two shard folders apart however they are reached: device and inode (a symlink, a second
+    name), or the normalised path of one that cannot be looked at (the reader then says what is wrong)."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return ("path", os.path.normpath(os.path.abspath(folder)))
+    return ("inode", st.st_dev, st.st_ino)

@@ -6,6 +6,7 @@ clean error (exit code 2 naming the file), that nothing outside the shard change
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -328,3 +329,81 @@ def test_a_writer_resuming_a_shard_never_writes_through_its_links(tmp_path, inco
     r = _cli("synth", shard, "-n", "30", "--dim", "16", "--seed", "2", "--min-boxes", "0", "--max-boxes", "4", "-q")
     assert r.returncode == 2 and f"{shard}: {name} is a symbolic link" in r.stderr, r.stderr
     assert open(victim, "rb").read() == before
+
+
+# ---- item 4: an index reaches no file outside its folder, lists each shard once, and lists some ---------------
+
+@pytest.fixture
+def indexed_folder(tmp_path):
+    folder = tmp_path / "pub"
+    for name in ("a", "b"):
+        write_synthetic_shard(str(folder / name), 6, feature_dim=16, seed=1, min_boxes=0, max_boxes=3,
+                              id_prefix=name)
+    index = str(folder / "index.json")
+    assert shards_main(["index", str(folder), "-q", "-o", index]) == 0
+    return folder, index
+
+
+def _train_args(tmp_path, d, shards: str) -> list:
+    return [f"--set=data.shards={shards}", f"--set=data.captions={d['captions']}",
+            f"--set=data.tokenizer={d['tokenizer']}", "--set=optim.steps=1", "--out", str(tmp_path / "run")]
+
+
+def test_an_indexed_shard_whose_data_mdb_leads_outside_is_refused(tmp_path, indexed_folder, capsys):
+    """b/data.mdb replaced by a link to a shard outside the index's folder (a copy of b's own file, so count and
+    content hash match the index entry): the folder is inside, its file is not. index, verify, ShardSet refuse."""
+    folder, index = indexed_folder
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(str(folder / "b" / "data.mdb"), str(outside / "data.mdb"))
+    os.symlink(str(outside / "data.mdb"), str(folder / "b" / "data.mdb"))
+    bad = f"{folder / 'b'}: data.mdb is a symbolic link"
+    assert shards_main(["verify", "-q", index]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED {folder / 'b'}" in out and bad in out and f"OK     {folder / 'a'}" in out, out
+    with pytest.raises(ShardError, match=bad):
+        ShardSet(index)
+    assert shards_main(["index", str(folder), "-q", "-o", str(tmp_path / "again.json")]) == 2
+    assert bad in capsys.readouterr().err and not os.path.exists(tmp_path / "again.json")
+
+
+def test_the_trainer_refuses_an_indexed_shard_whose_data_mdb_leads_outside(tmp_path):
+    d = write_dataset(str(tmp_path / "d"), n_train=12, n_val=4, feature_dim=8, min_boxes=1, max_boxes=4)
+    index = str(tmp_path / "d" / "index.json")
+    assert shards_main(["index", d["shards"], "-q", "-o", index]) == 0
+    shutil.move(os.path.join(d["shards"], "data.mdb"), str(tmp_path / "elsewhere.mdb"))
+    os.symlink(str(tmp_path / "elsewhere.mdb"), os.path.join(d["shards"], "data.mdb"))
+    r = subprocess.run([sys.executable, "-m", "regionbert.train.cli", *_train_args(tmp_path, d, index)],
+                       capture_output=True, text=True, cwd="/", timeout=600)
+    assert r.returncode == 2 and f"{d['shards']}: data.mdb is a symbolic link" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_one_shard_listed_twice_is_refused(tmp_path, indexed_folder, capsys):
+    folder, index = indexed_folder
+    os.symlink("a", str(folder / "alias"))  # inside the index's folder: containment alone lets it through
+    with open(index) as f:
+        doc = json.load(f)
+    doc["shards"].append({**doc["shards"][0], "path": "alias"})
+    doc["total"] += doc["shards"][0]["count"]
+    with open(index, "w") as f:
+        json.dump(doc, f)
+    why = f"shard entries 0 ({folder / 'a'}) and 2 ({folder / 'alias'}) name the same shard"
+    with pytest.raises(ShardError, match=re.escape(why)):
+        ShardSet(index)
+    assert shards_main(["verify", "-q", index]) == 2
+    assert why in capsys.readouterr().err
+    # and `index` given both names
+    assert shards_main(["index", str(folder / "a"), str(folder / "alias"), "-q", "-o", str(tmp_path / "i.json")]) == 2
+    assert "the same shard as" in capsys.readouterr().err and not os.path.exists(tmp_path / "i.json")
+
+
+def test_verify_of_an_index_listing_no_shards_fails(tmp_path, capsys):
+    index = str(tmp_path / "index.json")
+    with open(index, "w") as f:
+        json.dump({"format": "regionbert-index", "version": 1, "total": 0, "shards": []}, f)
+    assert shards_main(["verify", index]) == 2
+    err = capsys.readouterr().err
+    assert f"{index}: index lists no shards" in err, err
+    with pytest.raises(ShardError, match="index lists no shards"):
+        ShardSet(index)
