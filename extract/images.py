@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 
@@ -46,6 +47,14 @@ def list_folder(root: str, allow_outside_root: bool = False) -> list[ImageItem]:
         for f in sorted(files):
             if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
                 p = os.path.join(d, f)
+                try:
+                    regular = stat.S_ISREG(os.stat(p).st_mode)  # stat opens nothing: a FIFO cannot block here
+                except OSError:  # a dangling link: decode_image says "file not found" for it
+                    regular = True
+                if not regular:
+                    warnings.warn(f"{p}: not a regular file (a FIFO, socket or device named like an image); "
+                                  "skipped", stacklevel=2)
+                    continue
                 real = os.path.realpath(p)
                 if not allow_outside_root and os.path.commonpath([real_root, real]) != real_root:
                     raise ValueError(f"{p}: a symlink to {real}, outside the image root {root} (pass "
@@ -164,13 +173,33 @@ def shard_from_env() -> tuple[int, int] | None:
     return None
 
 
+def _open_regular(path: str):
+    """The file, opened for reading only if it is a regular file. O_NONBLOCK: opening a FIFO named *.png
+    returns at once instead of waiting for a writer (before, it hung the job forever, holding the shard's
+    writer lock), and fstat on what was opened leaves no gap for a swap between a check and the open."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special file')}); not opened")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+
+
 def decode_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any image file -> (H, W, 3) uint8 RGB, upright (EXIF orientation applied). Raises ImageError."""
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own bomb check follows our limit
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _open_regular(path) as f:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(f) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageError(f"{w}x{h} = {w * h} pixels is past the limit of {max_pixels} "

@@ -185,3 +185,126 @@ def test_a_deeply_nested_toml_config_and_override_are_refused(tmp_path, capsys):
     assert f"{path}: nested too deeply" in capsys.readouterr().err
     assert pretrain_main(["--print-config", "--set", "tasks.mix=" + "[" * 100_000 + "]" * 100_000]) == 2
     assert "--set tasks.mix: its value is nested too deeply" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the extract job
+FAST = ["--weights", "none", "--detector", "mobilenet_v3_large_320_fpn", "--min-size", "96", "--max-size", "128",
+        "--workers", "0", "--batch-size", "2", "-q"]
+
+
+def _extract(*args, timeout=240):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "regionbert.extract.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)  # a hang fails the test instead of hanging the suite
+
+
+def _images(root, n=2):
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (40 + i, 30), (120, 80, 40 * i)).save(root / f"img{i}.png")
+    return root
+
+
+def test_a_fifo_named_like_an_image_is_skipped_without_opening_it(tmp_path):
+    """Before, `open` on the FIFO waited for a writer forever, with the shard's writer lock held."""
+    import os
+
+    images = _images(tmp_path / "images")
+    os.mkfifo(images / "pipe.png")
+    r = _extract(images, "-o", tmp_path / "out", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert f"{images / 'pipe.png'}: not a regular file" in r.stderr
+    assert len(ShardReader(str(tmp_path / "out" / "shard-00000-of-00001"))) == 2
+
+
+def test_a_fifo_in_a_manifest_is_a_failure_not_a_hang(tmp_path):
+    import json
+    import os
+
+    images = _images(tmp_path / "images")
+    os.mkfifo(images / "pipe.png")
+    manifest = images / "list.jsonl"
+    manifest.write_text("".join(json.dumps({"path": p}) + "\n" for p in ("img0.png", "pipe.png", "img1.png")))
+    r = _extract(manifest, "-o", tmp_path / "out", *FAST, "--max-failure-fraction", "0.5")
+    assert r.returncode == 0, r.stderr
+    failures = (tmp_path / "out" / "shard-00000-of-00001.failures.jsonl").read_text()
+    assert "pipe" in failures and "not a regular file (a FIFO); not opened" in failures
+    assert len(ShardReader(str(tmp_path / "out" / "shard-00000-of-00001"))) == 2
+
+
+def test_out_naming_an_existing_file_is_refused(tmp_path):
+    images = _images(tmp_path / "images", 1)
+    out = tmp_path / "results.txt"
+    out.write_text("someone's file\n")
+    r = _extract(images, "-o", out, *FAST)
+    assert r.returncode == 2 and f"--out {out}: exists and is not a folder" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and out.read_text() == "someone's file\n"
+    r = _extract(images, "-o", out / "sub", *FAST)  # a parent that is a file
+    assert r.returncode == 2 and f"--out {out / 'sub'}: cannot create the folder" in r.stderr, r.stderr
+
+
+BUSY = r"another writer is writing|is being written"  # data/lock.py's ShardBusyError
+
+
+def test_a_second_extract_is_refused_before_its_detector_is_built(tmp_path):
+    """The lock is taken before the detector: with the shard held, even weights that do not exist are never
+    looked at (before, the job built its detector, 10-24 s for butd, and only then met the lock)."""
+    import subprocess
+    import sys
+
+    images = _images(tmp_path / "images", 1)
+    shard = tmp_path / "out" / "shard-00000-of-00001"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from regionbert.data.lock import WriterLock; "
+                               "WriterLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()",
+                               str(shard)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        r = _extract(images, "-o", tmp_path / "out", "--detector", "butd_r101_vg", "--weights",
+                     tmp_path / "absent.pkl", "-q")
+        assert r.returncode == 2 and re.search(BUSY, r.stderr), r.stderr
+        assert "absent.pkl" not in r.stderr  # the detector was never built
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    r = _extract(images, "-o", tmp_path / "out", "--detector", "butd_r101_vg", "--weights", tmp_path / "absent.pkl",
+                 "-q")
+    assert r.returncode == 2 and "absent.pkl" in r.stderr and not re.search(BUSY, r.stderr)  # lock released
+
+
+# ----------------------------------------------------------------------------- caption files
+def test_an_empty_caption_in_a_csv_is_refused_naming_the_row(tmp_path):
+    """Before, read with keep_default_na=False, an empty field was "" and trained as an empty caption."""
+    from regionbert.train.text import read_manifest
+
+    for body, row in (("a,a dog\nb,\nc,a cat\n", 1), ("a,a dog\nb,   \n", 1), (",a dog\n", 0)):
+        path = tmp_path / "captions.csv"
+        path.write_text("image_id,caption\n" + body)
+        with pytest.raises(ValueError, match=rf"captions\.csv: data row {row} has an empty image_id or caption"):
+            read_manifest(path)
+    path.write_text("image_id,caption\na,a dog\n")
+    assert read_manifest(path)["caption"].tolist() == ["a dog"]
+
+
+UNPARSABLE = {"captions.csv": b'image_id,caption\na,"unclosed\nb,c,d,e\n' + b"x,y\n" * 3,
+              "binary.csv": b"image_id,caption\n\xff\xfe\x00\x81,\xc3\x28\n",
+              "garbage.parquet": b"PAR1 this is not parquet",
+              "lines.jsonl": b'{"image_id": "a", "caption": "x"}\n{not json\n',
+              "deep.jsonl": b"[" * 100_000 + b"]" * 100_000 + b"\n"}
+
+
+@pytest.mark.parametrize("name", UNPARSABLE)
+def test_caption_files_pandas_cannot_parse_are_errors_naming_the_file(tmp_path, capsys, name):
+    from regionbert.train.text import read_manifest
+
+    path = tmp_path / name
+    path.write_bytes(UNPARSABLE[name])
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": "):
+        read_manifest(path)
+    rc = shards_main(["captions", str(path), "-o", str(tmp_path / "out.csv")])  # the captions converter too
+    err = capsys.readouterr().err
+    assert rc == 2 and str(path) in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.csv").exists()

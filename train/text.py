@@ -76,13 +76,21 @@ def read_manifest(path: str | os.PathLike, split: str | None = None) -> pd.DataF
     kw = {} if ext == ".parquet" else {"dtype": str}
     if ext in (".csv", ".tsv"):
         kw["keep_default_na"] = False
-    df = readers[ext](path, **kw)
+    try:
+        df = readers[ext](path, **kw)
+    except (ValueError, OSError, TypeError, RecursionError, pd.errors.ParserError) as e:
+        # pandas' and pyarrow's messages (ParserError, UnicodeDecodeError, ArrowInvalid) do not name the file
+        raise ValueError(f"{path}: cannot read the caption manifest ({type(e).__name__}: {e})") from None
     missing = [c for c in ("image_id", "caption") if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: manifest lacks column(s) {missing}; it has {list(df.columns)}")
-    bad = df["image_id"].isna() | df["caption"].isna()
+    # missing (NaN/None) or blank: a CSV read with keep_default_na=False gives "" for an empty field, and an
+    # empty caption would train ITM and MLM on [CLS] [SEP] alone
+    bad = np.array(df["image_id"].isna() | df["caption"].isna(), dtype=bool)  # a copy: to_numpy() is read-only
+    bad |= np.array([not str(v).strip() for v in df["image_id"]], bool)
+    bad |= np.array([not str(v).strip() for v in df["caption"]], bool)
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
+        row = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{path}: data row {row} has an empty image_id or caption ({int(bad.sum())} such rows)")
     df = df.assign(image_id=df["image_id"].astype(str), caption=df["caption"].astype(str))
     if split is not None:

@@ -136,8 +136,8 @@ def _table(path: str, key: str | None, split: str | None) -> list[tuple]:
             df = pd.read_json(path, lines=True, dtype=False)
         else:
             df = pd.read_csv(path, sep="\t" if ext == ".tsv" else ",", dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: cannot read caption table: {e}") from None
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        raise ConvertError(f"{path}: cannot read caption table ({type(e).__name__}: {e})") from None
     id_col = next((c for c in ID_COLUMNS if c in df.columns), None)
     cap_col = next((c for c in CAPTION_COLUMNS if c in df.columns), None)
     if id_col is None or cap_col is None:
@@ -163,8 +163,8 @@ def read_captions(path: str, key: str | None = None, split: str | None = None) -
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: not a JSON caption file: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested 100,000 deep
+        raise ConvertError(f"{path}: not a JSON caption file ({type(e).__name__}: {e})") from None
     images = data.get("images") if isinstance(data, dict) else None
     if isinstance(images, list) and isinstance(data.get("annotations"), list):
         return _coco(path, data, key, split)
