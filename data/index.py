@@ -153,6 +153,10 @@ def compact_copy(src: str, dst: str) -> str:
         try:
             h.env.copyfd(fd, compact=True)
             os.fsync(fd)
+        except (lmdb.Error, OSError) as e:  # a full disk: say which file, not "damaged" (the source is fine)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ShardError(f"{dst}: cannot write the copy ({os.path.join(tmp, 'data.mdb')}: {e}); "
+                             "the source is untouched and the partial copy removed") from None
         finally:
             os.close(fd)
         expected, got = content_hash(src), _copy_hash(tmp, h.meta)
@@ -229,9 +233,14 @@ def build_index(sources, out_path: str, force: bool = False, progress=None, allo
         "shards": entries,
     }
     tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: name the index being written, leave no half-written .tmp
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise ShardError(f"{out_path}: cannot write the index ({e.strerror or e})") from None
     os.replace(tmp, out_path)  # never a half-written index
     return index

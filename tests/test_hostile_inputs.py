@@ -308,3 +308,36 @@ def test_caption_files_pandas_cannot_parse_are_errors_naming_the_file(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and str(path) in err and "Traceback" not in err, err
     assert not (tmp_path / "out.csv").exists()
+
+
+# ----------------------------------------------------------------------------- full disk (copy, index)
+def _limit_file_size(n):
+    def apply():  # test_damage.py's file_size_limit way of filling the disk: EFBIG instead of SIGXFSZ
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+    return apply
+
+
+@pytest.mark.parametrize("cmd, limit, says", [
+    (["copy", "s", "dst"], 1 << 20, "dst: cannot write the copy (dst.partial/data.mdb: "),
+    (["index", "s", "-o", "idx.json", "-q"], 100, "idx.json: cannot write the index (File too large)"),
+])
+def test_copy_and_index_on_a_full_disk_name_the_file(tmp_path, cmd, limit, says):
+    import os
+    import subprocess
+    import sys
+
+    from regionbert.data import content_hash
+    from regionbert.data.synth import write_synthetic_shard
+
+    write_synthetic_shard(str(tmp_path / "s"), 300, feature_dim=64, seed=1)
+    before = content_hash(str(tmp_path / "s"))
+    r = subprocess.run([sys.executable, "-m", "regionbert.data.cli", *cmd], capture_output=True, text=True,
+                       cwd=tmp_path, preexec_fn=_limit_file_size(limit), timeout=120)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "damaged" not in r.stderr  # before, copy blamed the source
+    assert content_hash(str(tmp_path / "s")) == before  # nothing lost
+    assert not [p for p in os.listdir(tmp_path) if p.endswith((".partial", ".tmp")) or p in ("dst", "idx.json")]
