@@ -19,8 +19,8 @@ data.mdb (and, for a locked open, lock.mdb) are opened here with O_NOFOLLOW and 
 (lock.mdb: with one link, as it is written); a symlink, dangling or not, or anything else is a ShardError
 naming the shard and the file, and lock.mdb is created, if absent, by that same O_NOFOLLOW open, never
 through a link. LMDB is then handed exactly those files, not their names in the shard folder (which could
-be swapped for a link in between): in a private temporary folder, links made here to /proc/self/fd/<fd>
-of the files opened above, given to LMDB as `data.mdb` and `data.mdb-lock` (MDB_NOSUBDIR). LMDB's locks
+be swapped for a link in between): in a private folder (this user's, mode 0700), links made here to
+/proc/self/fd/<fd> of the files opened above, given to LMDB as `N.M` and `N.M-lock` (MDB_NOSUBDIR). LMDB's locks
 are on the lock file's inode, so a reader that opens it this way shares them with the writer that opened
 it by name. Without /proc (not Linux), LMDB opens the names after the same checks (a race then remains
 with someone swapping a file for a link in that instant).
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import tempfile
 import threading
@@ -129,25 +128,78 @@ def open_pinned(path: str, lock: bool, write: bool = False, **kw):
             os.close(fd)
 
 
-def _lmdb_open(path: str, fds: list, **kw):
-    """LMDB opens the files behind fds through links made here, in a private folder; without /proc, or
-    where no temporary folder can be made, it opens the names in path (checked just before)."""
-    tmp = None
-    if _PIN:
+_LINKS = {"dir": None, "pid": None, "ok": set()}  # this process's link folder and the links it has checked
+_LINKS_LOCK = threading.Lock()
+
+
+def _owned_private_dir(path: str) -> bool:
+    """A real folder (not a link) of this user's that nobody else may write into."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def _link_dir() -> str | None:
+    """The folder of links to /proc/self/fd/N. The links' text is the same in every process ("self"), so one
+    folder per user serves all its processes and is never cleaned up (a few dozen links): making and
+    removing links for each open costs more than the open itself on a slow disk. It must be this user's
+    own, mode 0700 (a folder of that name planted by another user is not used: then one per process)."""
+    with _LINKS_LOCK:
+        if _LINKS["pid"] == os.getpid():
+            return _LINKS["dir"]
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        d = os.path.join(base, f"regionbert-{os.geteuid()}-fd-links")
         try:
-            tmp = tempfile.mkdtemp(prefix="regionbert-shard-")
+            os.mkdir(d, 0o700)
         except OSError:
-            tmp = None
-    if tmp is None:
+            pass
+        if not _owned_private_dir(d):
+            try:
+                d = tempfile.mkdtemp(prefix="regionbert-fd-links-")
+            except OSError:
+                d = None
+        _LINKS.update(dir=d, pid=os.getpid(), ok=set())
+        return d
+
+
+def _fd_link(d: str, name: str, fd: int) -> None:
+    """d/name -> /proc/self/fd/<fd>, made if absent; checked once per process (only this user writes d)."""
+    link, text = os.path.join(d, name), f"/proc/self/fd/{fd}"
+    if link in _LINKS["ok"]:
+        return
+    try:
+        os.symlink(text, link)
+    except FileExistsError:
+        if os.readlink(link) != text:
+            raise OSError(errno.EEXIST, f"{link} is not a link to {text}") from None
+    _LINKS["ok"].add(link)
+
+
+def _lmdb_open(path: str, fds: list, retry: bool = True, **kw):
+    """LMDB opens the files behind fds through links made here (module docstring), named after the fd
+    numbers; without /proc, or where no private folder can be had, it opens the names in path (checked
+    just before)."""
+    d = _link_dir() if _PIN else None
+    if d is not None:
+        name = ".".join(map(str, fds))  # "5" or "5.6": data.mdb is d/5.6, its lock d/5.6-lock (MDB_NOSUBDIR)
+        try:
+            _fd_link(d, name, fds[0])
+            if len(fds) > 1:
+                _fd_link(d, name + "-lock", fds[1])
+        except OSError:
+            d = None
+    if d is None:
         return lmdb.open(path, subdir=True, **kw)
     try:
-        name = os.path.join(tmp, "data.mdb")
-        os.symlink(f"/proc/self/fd/{fds[0]}", name)
-        if len(fds) > 1:
-            os.symlink(f"/proc/self/fd/{fds[1]}", name + "-lock")  # LMDB's lock file name with MDB_NOSUBDIR
-        return lmdb.open(name, subdir=False, **kw)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # LMDB keeps its descriptors, not the names
+        return lmdb.open(os.path.join(d, name), subdir=False, **kw)
+    except lmdb.Error:
+        if os.path.lexists(os.path.join(d, name)) or not retry:
+            raise
+        with _LINKS_LOCK:  # the folder was cleaned away under us (a /tmp cleaner): make it again, once
+            _LINKS["pid"] = None
+        return _lmdb_open(path, fds, retry=False, **kw)
 
 
 def _open_env(path: str, lock: bool):

@@ -407,3 +407,30 @@ def test_verify_of_an_index_listing_no_shards_fails(tmp_path, capsys):
     assert f"{index}: index lists no shards" in err, err
     with pytest.raises(ShardError, match="index lists no shards"):
         ShardSet(index)
+
+
+def test_lmdb_is_handed_the_checked_files_not_their_names(tmp_path, incomplete):
+    """The check and LMDB's open are not two looks at one name: lock.mdb swapped for a link right after it was
+    checked (a racing attacker), LMDB still writes its lock table into the file that was checked."""
+    from regionbert.data import handles
+
+    if not handles._PIN:
+        pytest.skip("no /proc/self/fd: LMDB opens the names, after the same checks")
+    shard, _ = incomplete
+    lock = os.path.join(shard, "lock.mdb")
+    os.remove(lock)
+    fds = [handles._open_shard_file(shard, "data.mdb", os.O_RDONLY, written=False),
+           handles._open_shard_file(shard, "lock.mdb", os.O_RDWR | os.O_CREAT, written=True)]
+    checked = str(tmp_path / "checked-lock.mdb")
+    os.rename(lock, checked)
+    victim = _victim(tmp_path)
+    os.symlink(victim, lock)
+    try:
+        env = handles._lmdb_open(shard, fds, lock=True, readonly=True, max_dbs=3)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    with env.begin() as txn:
+        assert txn.stat(env.open_db(b"order", txn=txn, create=False))["entries"] == 20
+    env.close()
+    assert _unchanged(victim) and os.path.getsize(checked) > 0
