@@ -14,6 +14,9 @@ import operator
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import lmdb
 
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
 from .format import MAX_KEY_BYTES, Record, content_hash_of, decode_record, encode_key, order_key, settings_diff
@@ -35,7 +38,8 @@ class ShardReader(Sequence):
     def __init__(self, path: str | os.PathLike, verify: bool = True, copy: bool = False):
         self.path = os.path.abspath(os.fspath(path))
         self.verify, self.copy = verify, copy
-        h = _handle(self.path, refresh=True)  # fail early on a bad path
+        with _lmdb_errors(self.path, "its metadata"):
+            h = _handle(self.path, refresh=True)  # fail early on a bad path
         if not h.complete:
             unlocked = " without LMDB's lock (none can be taken here: safe only while no writer runs)"
             warnings.warn(f"{self.path}: shard is incomplete (its writer did not finish); reading the "
@@ -61,7 +65,8 @@ class ShardReader(Sequence):
             index += h.count
         if not 0 <= index < h.count:
             raise IndexError(f"{self.path}: index {index} out of range for {h.count} records")
-        key = h.get(order_key(index), 1)
+        with _lmdb_errors(self.path, f"order entry {index}"):
+            key = h.get(order_key(index), 1)
         if key is None:
             raise ShardError(f"{self.path}: order table has no entry {index}; the shard is damaged")
         if not 0 < len(key) <= MAX_KEY_BYTES:
@@ -90,26 +95,32 @@ class ShardReader(Sequence):
             key = encode_key(image_id)
         except ShardError:  # not a str, empty, NUL, not encodable: no shard holds it
             return False
-        return h.get(key, 0) is not None
+        with _lmdb_errors(self.path, f"record {_show(key)}"):
+            return h.get(key, 0) is not None
 
     def keys(self) -> Iterator[str]:
         """Image ids in insertion order."""
         h = self._handle()
-        with h.snapshot(buffers=False) as (txn, _, order, _):
+        i = 0
+        with _lmdb_errors(self.path, "the order table", lambda: f" (after entry {i})"), \
+                h.snapshot(buffers=False) as (txn, _, order, _):
             for i, (_, key) in enumerate(txn.cursor(db=order)):
                 try:
-                    yield key.decode("utf-8")
+                    text = key.decode("utf-8")
                 except UnicodeDecodeError:
                     raise ShardError(f"{self.path}: order table entry {i}: id {_show(key)} is not valid UTF-8; "
                                      "the shard is damaged") from None
+                yield text
 
     def raw(self, key: bytes):
         """The stored bytes of one record (a memoryview of the map, or bytes), or None."""
-        return self._handle().get(key, 0)
+        with _lmdb_errors(self.path, f"record {_show(key)}"):
+            return self._handle().get(key, 0)
 
     def _read(self, key: bytes) -> Record:
         h = self._handle()
-        value = h.get(key, 0)
+        with _lmdb_errors(self.path, f"record {_show(key)}"):
+            value = h.get(key, 0)
         if value is None:
             raise KeyError(f"{self.path}: no record {_show(key)}")
         try:
@@ -117,6 +128,20 @@ class ShardReader(Sequence):
         except CorruptRecordError as e:
             raise e.at(self.path) from None
         return rec.copy() if self.copy else rec
+
+
+@contextmanager
+def _lmdb_errors(path: str, what: str, where=None):
+    """An lmdb.Error raised inside (a damaged page that data/lmdbcheck.py's walk at open could not see: the
+    file changed since, or LMDB minds something the walk does not check) as a ShardError naming the shard
+    and what was read, so that a long run stops saying which shard to restore, not with LMDB's bare words.
+    where(): more about the place, computed only if it fails."""
+    try:
+        yield
+    except lmdb.Error as e:
+        raise ShardError(f"{path}: reading {what}{where() if where else ''} failed: data.mdb is damaged (LMDB: "
+                         f"{type(e).__name__}: {e}); `regionbert-shards verify` names what is wrong; restore the "
+                         "shard from its source") from None
 
 
 def _show(key: bytes) -> str:
@@ -174,7 +199,7 @@ def check_against_index(shard: ShardReader, entry: dict) -> None:
                          "changed since they were indexed); rebuild the index or restore the shard")
     stored = h.state.get("content_hash")
     if stored is None:  # written before shards stored their hash, or by another implementation
-        with h.snapshot() as (txn, records, order, _):
+        with _lmdb_errors(shard.path, "the order table for its content hash"), h.snapshot() as (txn, records, order, _):
             stored = content_hash_of(txn, records, order, h.meta, shard.path)
     if stored != entry["content_hash"]:
         raise ShardError(f"{where}: shard was replaced since it was indexed: content hash {stored}, the index "
