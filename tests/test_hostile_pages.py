@@ -202,3 +202,73 @@ def test_the_walk_reads_only_tree_pages(shards):
         os.close(fd)
     assert read >= len(tree_pages(shard))  # (and the free-page tree's pages)
     assert read < 0.05 * (meta["last_pg"] + 1)
+
+
+def record_leaves(path: str) -> list[int]:
+    """The leaf pages of the records table (their first key is a record id, `synth/...`)."""
+    data = open(os.path.join(path, "data.mdb"), "rb").read()
+    out = []
+    for p, lower, _ in tree_pages(path):
+        flags = struct.unpack_from("<H", data, p * PSIZE + 10)[0]
+        if flags & 2 and lower > 16:
+            off = p * PSIZE + struct.unpack_from("<H", data, p * PSIZE + 16)[0]
+            ksize = struct.unpack_from("<H", data, off + 6)[0]
+            if data[off + 8:off + 8 + ksize].startswith(b"synth/"):
+                out.append(p)
+    return out
+
+
+def _python(*args, **kw):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_a_page_damaged_after_open_is_a_shard_error_naming_the_record(tmp_path):
+    """The walk runs when a shard is opened; a page that goes bad later (the file rewritten in place under a
+    long job) is met by LMDB, whose error becomes a ShardError naming the shard and the record."""
+    shard = str(tmp_path / "s")
+    write_synthetic_shard(shard, 250, feature_dim=16, min_boxes=1, max_boxes=8, seed=3)
+    page = record_leaves(shard)[1]
+    code = textwrap.dedent(f"""
+        import os
+        from regionbert.data import ShardError, ShardSet
+        s = ShardSet({shard!r})
+        with open(os.path.join({shard!r}, "data.mdb"), "r+b") as f:  # the map shares these pages
+            f.seek({page * PSIZE})
+            f.write(bytes({PSIZE}))
+        errors = []
+        for i in range(len(s)):
+            try:
+                s[i]
+            except ShardError as e:
+                errors.append(str(e))
+        print(len(errors))
+        print(errors[0])
+    """)
+    r = _python("-c", code)
+    assert r.returncode == 0, r.stderr
+    count, first = r.stdout.splitlines()
+    assert int(count) > 0
+    assert first.startswith(f"{shard}: reading record 'synth/") and "data.mdb is damaged" in first
+    assert "CorruptedError" in first  # what LMDB said, for whoever debugs it
+
+
+def test_the_trainer_names_a_damaged_shard(tmp_path):
+    """The trainer on a shard with a zeroed leaf page of its records table: exit 2 with the shard named, no
+    traceback (before: SIGABRT or a bare lmdb.CorruptedError traceback)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from train_synth import write_dataset
+
+    d = write_dataset(str(tmp_path / "data"), 24, 0, feature_dim=16, min_boxes=2, max_boxes=30)
+    page = record_leaves(d["shards"])[0]
+    with open(os.path.join(d["shards"], "data.mdb"), "r+b") as f:
+        f.seek(page * PSIZE)
+        f.write(bytes(PSIZE))
+    settings = {"data.shards": d["shards"], "data.captions": d["captions"], "data.tokenizer": d["tokenizer"],
+                "model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2, "model.intermediate_size": 64,
+                "model.max_text_len": 24, "data.token_budget": 600, "data.num_workers": 0,
+                "optim.warmup_steps": 1, "optim.steps": 2, "run.log_every": 1, "run.eval_every": 0}
+    r = _python("-m", "regionbert.train.cli", *[f"--set={k}={v}" for k, v in settings.items()],
+                "--out", str(tmp_path / "run"))
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert f"{d['shards']}: data.mdb is damaged (the records table, page {page}" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
