@@ -10,6 +10,12 @@ checksum and boxes outside the image, NaN features, location vectors of another 
 Used by `verify` on every stored record (data/index.py), and by ShardWriter.add on every record before
 it is queued (`refuse_bad_record`), so a shard written by us never breaks them. All checks are
 vectorised numpy over the record's arrays: a few microseconds for a typical record.
+
+    check_batch(...) -> rows    the same rules over what a trainer uses of a batch (boxes, one location
+                                vector, class distributions, features), at once for the whole padded batch:
+                                the rows that break one. The trainer (train/data.py) checks every batch it
+                                reads, so a shard nobody verified cannot train it on nonsense; a bad row is
+                                then explained by check_record.
 """
 
 from __future__ import annotations
@@ -59,7 +65,10 @@ def _all_finite(a) -> bool:
     """No NaN or inf. float16 (features, probabilities): an integer test of the exponent bits, ~40x faster
     than np.isfinite, which has no vectorised float16 loop."""
     if a.dtype == np.float16:
-        return int((a.view(np.uint16) & 0x7C00).max()) < 0x7C00  # exponent all ones: inf or NaN
+        bits = a.view(np.uint16)
+        if int(bits.max(initial=0)) < 0x7C00:  # all >= 0 and finite (ReLU features, probabilities): one pass
+            return True
+        return int((bits & 0x7C00).max()) < 0x7C00  # exponent all ones: inf or NaN
     return bool(np.isfinite(a).all())
 
 
@@ -140,3 +149,46 @@ def refuse_bad_record(path: str, key: bytes, value) -> None:
     if problems:
         name = bytes(key).decode("utf-8", "replace")
         raise ShardError(f"{path}: record {name!r} breaks the shard format's record rules: {'; '.join(problems)}")
+
+
+def check_batch(boxes: np.ndarray, sizes: np.ndarray, lens: np.ndarray, loc: np.ndarray,
+                probs: np.ndarray | None = None, features: np.ndarray | None = None) -> np.ndarray:
+    """The rows of a padded batch whose used regions break a record rule (empty: none), vectorised.
+
+    boxes (B, N, 4) float32, sizes (B, 2) image width and height, lens (B,) regions used in each row (the
+    rest is padding, never looked at), loc (B, N, 5 or 7) the location vector the trainer uses (loc5 or
+    loc7), probs (B, N, C) float16 class distributions or None, features (B, N, D) or None. The rules and
+    tolerances are check_record's (boxes finite, in order, inside the image; loc matching the boxes;
+    distributions finite, >= 0, summing to 1; features finite), on the first lens[b] regions of row b."""
+    B, N = boxes.shape[:2]
+    valid = np.arange(N)[None, :] < np.asarray(lens)[:, None]  # (B, N)
+    b = boxes.astype(np.float64)
+    size = np.tile(np.asarray(sizes, dtype=np.float64), 2).reshape(B, 1, 4)  # W H W H
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        bad = ~np.isfinite(b).all(-1) | (b[..., :2] > b[..., 2:]).any(-1)
+        bad |= (np.abs(b - size / 2) > size / 2 + BOX_SLACK).any(-1)
+        xy = b / size
+        wh = xy[..., 2:] - xy[..., :2]
+        area = wh[..., :1] * wh[..., 1:]
+        exact = np.concatenate([xy, area] if loc.shape[-1] == 5 else [xy, wh, area], axis=-1)
+        # not (<=): a NaN stored value fails too
+        bad |= ~(np.abs(loc.astype(np.float64) - exact) <= LOC_TOLERANCE * np.maximum(1.0, np.abs(exact))).all(-1)
+    bad &= valid
+    if probs is not None and probs.shape[-1]:
+        if probs.dtype == np.float16:
+            # a row's largest bit pattern: below 0x7C00 all are >= 0 and finite; 0x8000 is -0 (fine); anything
+            # else is a negative value (sign bit) or +inf / NaN (exponent all ones): as _distribution_rules
+            top = probs.view(np.uint16).max(-1)
+            bad |= valid & (top >= 0x7C00) & (top != 0x8000)
+        else:
+            bad |= valid & ~((probs >= 0).all(-1) & np.isfinite(probs).all(-1))
+        sums = probs.sum(-1, dtype=np.float64)
+        bad |= valid & ~(np.abs(sums - 1.0) <= prob_sum_tolerance(probs.shape[-1]))
+    if features is not None and features.size and not _all_finite(features):  # padding is 0: finite
+        bad |= valid & ~_finite_rows(features)
+    return np.flatnonzero(bad.any(1))
+
+
+def _finite_rows(a: np.ndarray) -> np.ndarray:
+    """(B, N) whether each region's values are all finite (only computed once a batch holds a non-finite)."""
+    return np.isfinite(a.astype(np.float32)).all(-1)
