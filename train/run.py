@@ -162,8 +162,7 @@ def _run(cfg: Config, resume, print_fn, d: Dist) -> dict:
         loaded = load_bert(model, cfg.run.init_from)
         logger.print(f"initialised {len(loaded)} tensors from the BERT in {cfg.run.init_from}")
     model.to(d.device)
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps,
-                                balance=model.encoder.parameters() if os.environ.get("RB_BALANCE") else None)
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps)
     scheduler = build_scheduler(optimizer, o.warmup_steps, o.steps)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.run.precision == "fp16")
     if state:
