@@ -26,6 +26,8 @@ from joblib import Parallel, delayed
 from tqdm import tqdm
 
 from ..errors import ShardError, ShardWriteError
+from ..handles import check_shard_files
+from ..lmdbcheck import check_file
 from ..writer import DB_ORDER, ShardWriter
 
 BOX_EPS = 1e-3  # the writer's tolerance for boxes on the image border (pixels)
@@ -181,8 +183,10 @@ def content_digest(fields: dict) -> int:
 def existing_ids(path: str) -> set[str]:
     """Ids already in a shard (for resuming), read with a short-lived read-only environment so that this
     process can open the shard for writing afterwards. Empty if there is no shard yet."""
-    if not os.path.isfile(os.path.join(path, "data.mdb")):
+    if not os.path.lexists(os.path.join(path, "data.mdb")):
         return set()
+    check_shard_files(path)  # a regular file of the shard's own, never a link followed (trust.md)
+    check_file(path)  # meta and tree pages checked before LMDB maps the file
     env = lmdb.open(path, subdir=True, readonly=True, lock=False, max_dbs=3)
     try:
         try:
