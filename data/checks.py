@@ -72,6 +72,9 @@ def _all_finite(a) -> bool:
     return bool(np.isfinite(a).all())
 
 
+all_finite = _all_finite  # for readers that check what they use (train/data.py)
+
+
 def _finite(name: str, a) -> list[str]:
     if a is None or a.size == 0 or _all_finite(a):
         return []

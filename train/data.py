@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from regionbert.data import ShardError, ShardSet
-from regionbert.data.checks import check_batch, check_record
+from regionbert.data.checks import all_finite, check_batch, check_record
 
 from .masking import IGNORE, REGION_TASKS, Generators, TextMasker, mask_regions_batch, modalities
 from .text import Text, read_manifest
@@ -81,6 +81,9 @@ class PairDataset(torch.utils.data.Dataset):
             self.num_classes = len(shards.meta["class_names"])
         self._modes = {}  # task -> (mask text?, mask regions?)
         self._generators = Generators()  # per-sample generators, as np.random.default_rng(seed) makes them
+        # images whose record passed the record rules in this process: a shard is immutable, so each is
+        # checked once (a byte per image, as Pairs keeps per pair), and a later epoch's batches cost nothing
+        self._checked = np.zeros(pairs.num_images, dtype=bool)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -89,10 +92,12 @@ class PairDataset(torch.utils.data.Dataset):
         """An image's unmasked (features (n, D), locations (n, loc_dim)) as float32 (for retrieval)."""
         rec = self.shards[int(self.pairs.pool[image])]
         n = min(rec.num_boxes, self.max_regions)
-        loc = (rec.loc7 if self.loc_dim == 7 else rec.loc5)[None, :n]
-        self._check_rules(rec.boxes[None, :n], [(rec.width, rec.height)], [n], loc,
-                          None if rec.class_probs is None else rec.class_probs[None, :n], rec.features[None, :n],
-                          [image])
+        if not self._checked[image]:
+            if not all_finite(rec.features[:n]):
+                self._refuse(image)
+            loc = (rec.loc7 if self.loc_dim == 7 else rec.loc5)[None, :n]
+            self._check_rules([image], rec.boxes[None, :n], [(rec.width, rec.height)], [n], loc,
+                              None if rec.class_probs is None else rec.class_probs[None, :n])
         return (np.array(rec.features[:n], dtype=np.float32),
                 np.array((rec.loc7 if self.loc_dim == 7 else rec.loc5)[:n], dtype=np.float32))
 
@@ -114,7 +119,9 @@ class PairDataset(torch.utils.data.Dataset):
                   "class_probs": (self.num_classes, np.dtype(np.float16))}
         buffers = {k: _BUFFERS.take(k, (B, N, w), dt) for k, (w, dt) in widths.items()}  # tensors
         feats, locs, probs_buf = (buffers[k].numpy() for k in widths)
-        boxes, sizes, lens = np.zeros((B, N, 4), np.float32), np.zeros((B, 2)), np.zeros(B, np.int64)  # for the rules
+        fresh = np.flatnonzero(~self._checked[images])  # rows of images the rules have not checked yet
+        if len(fresh):
+            boxes, sizes, used = np.zeros((B, N, 4), np.float32), np.ones((B, 2)), np.zeros(B, np.int64)
         samples, text_rows, region_rows, seeds, masked = [], [], [], [], []
         for j, ((task, p, other, seed), image) in enumerate(zip(keys, images, strict=True)):
             rec = shards[int(pairs.pool[image])]
@@ -124,7 +131,10 @@ class PairDataset(torch.utils.data.Dataset):
             modes = self._modes.get(task) or self._modes.setdefault(task, modalities(task, self.masking))
             feats[j, :n] = rec.features[:n]
             locs[j, :n] = (rec.loc7 if loc7 else rec.loc5)[:n]
-            boxes[j, :n], sizes[j], lens[j] = rec.boxes[:n], (rec.width, rec.height), n
+            if len(fresh) and not self._checked[image]:
+                if not all_finite(feats[j, :n]):  # while the copy is in cache: ~3 us, not 10 for a later pass
+                    self._refuse(image)
+                boxes[j, :n], sizes[j], used[j] = rec.boxes[:n], (rec.width, rec.height), n
             if rec.class_probs is not None:
                 probs_buf[j, :n] = rec.class_probs[:n]
             elif task in REGION_TASKS[1:]:
@@ -145,7 +155,10 @@ class PairDataset(torch.utils.data.Dataset):
                 text_rows.append(j)
             if modes[1]:
                 region_rows.append(j)
-        self._check_rules(boxes, sizes, lens, locs, probs_buf, feats, images)
+        if len(fresh):
+            rows = slice(None) if len(fresh) == B else fresh
+            self._check_rules([images[j] for j in fresh], boxes[rows], sizes[rows], used[rows], locs[rows],
+                              probs_buf[rows])
         for j, rng in zip(masked, self._generators(seeds), strict=True):
             samples[j]["rng"] = rng  # each sample's own draws: text first, then regions
         if text_rows:
@@ -167,17 +180,20 @@ class PairDataset(torch.utils.data.Dataset):
                 s["region_mask"] = np.zeros(len(s["features"]), dtype=bool)
         return samples
 
+    def _check_rules(self, images: list[int], boxes, sizes, lens, locs, probs) -> None:
+        """The record rules (regionbert.data.checks) over what these rows of a batch train on, at once
+        (vectorised): a shard that nobody ran `verify` on cannot train the model on boxes outside the image,
+        location vectors that do not match the boxes, class distributions that are not distributions (or,
+        checked as each record is copied, NaN features). A ShardError names the shard, the record and
+        every rule it breaks. Each image once per process (self._checked)."""
+        bad = check_batch(boxes, sizes, lens, locs, probs if self.num_classes else None)
+        if len(bad):
+            self._refuse(images[int(bad[0])])
+        self._checked[images] = True
 
-    def _check_rules(self, boxes, sizes, lens, locs, probs, feats, images: list[int]) -> None:
-        """The record rules (regionbert.data.checks) over what the batch trains on, at once for the batch
-        (vectorised; ~25 us a record of 60 boxes of 2048-d, bench/README.md): a shard that nobody ran
-        `verify` on cannot train the model on boxes outside the image, location vectors that do not match
-        the boxes, class distributions that are not distributions, or NaN features. A ShardError names the
-        shard, the record and every rule it breaks."""
-        bad = check_batch(boxes, sizes, lens, locs, probs if self.num_classes else None, feats)
-        if len(bad) == 0:
-            return
-        shard, local = self.shards.locate(int(self.pairs.pool[images[int(bad[0])]]))
+    def _refuse(self, image: int) -> None:
+        """Raise the ShardError for an image whose record breaks a record rule, naming every rule."""
+        shard, local = self.shards.locate(int(self.pairs.pool[image]))
         rec = shard[local]
         problems = check_record(rec) or ["rule check: its first regions break a record rule"]
         raise ShardError(f"{shard.path}: record {rec.id!r} breaks the shard format's record rules: "
