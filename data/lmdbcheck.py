@@ -82,21 +82,27 @@ def check_file(shard: str, empty_ok: bool = False) -> None:
     except OSError as e:
         raise ShardError(f"{shard}: cannot read data.mdb: {e.strerror}") from None
     try:
-        for attempt in range(3):
+        for _ in range(_WALKS):
             size = os.fstat(fd).st_size
             if size == 0:
                 if empty_ok:
                     return
                 raise ShardError(f"{shard}: data.mdb is empty: its writer never committed anything (rerun the job)")
-            m, psize = _check_meta(shard, fd, size)
+            before = (_newest_txnid(fd), size)
             try:
+                m, psize = _check_meta(shard, fd, size)
                 check_trees(shard, fd, m, psize)
                 return
             except ShardError:
-                # An incomplete shard may be written right now, and this walk is no LMDB reader: a commit
-                # during the walk can recycle pages it read. Damage is only what holds still.
-                if attempt == 2 or _newest_txnid(fd) == m["txnid"]:
+                # An incomplete shard may be written right now, and this walk is no LMDB reader: two commits
+                # during the walk can recycle pages it read (a mix of transactions looks damaged), and a
+                # commit after the size was taken counts pages past it. The pages of a transaction stay put
+                # while it is the newest, so damage is what the walk finds while the newest transaction id
+                # and the size hold still; if either moved, walk again.
+                if (_newest_txnid(fd), os.fstat(fd).st_size) == before:
                     raise
+        # Committed to during every walk: a live LMDB writer is producing this file right now. No walk can
+        # hold still here, and whoever can write the file now could change it after any check anyway.
     except OSError as e:
         raise ShardError(f"{shard}: cannot read data.mdb: {e.strerror or e}") from None
     finally:
@@ -157,6 +163,7 @@ P_BRANCH, P_LEAF, P_DIRTY = 0x01, 0x02, 0x10
 F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
 _NODE = 8  # node header bytes
 _CHUNK = 2048  # pages read and checked at once (8 MiB of 4 KiB pages)
+_WALKS = 8  # walks of a file being committed to before it is taken as a live writer's (check_file)
 
 
 class _Tree:
