@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ShardError
-from .format import Record, decode_record
+from .format import Record, box_table_chunks, declares_box_table, decode_box_table, decode_record
 
 BOX_SLACK = 1.0  # pixels: a box may overhang the image by at most this (detector rounding)
 LOC_TOLERANCE = 2.0 ** -20  # |stored - exact| <= LOC_TOLERANCE * max(1, |exact|) for loc5 / loc7
@@ -195,3 +195,29 @@ def check_batch(boxes: np.ndarray, sizes: np.ndarray, lens: np.ndarray, loc: np.
 def _finite_rows(a: np.ndarray) -> np.ndarray:
     """(B, N) whether each region's values are all finite (only computed once a batch holds a non-finite)."""
     return np.isfinite(a.astype(np.float32)).all(-1)
+
+
+def box_table_problems(path: str, txn, meta_db, meta: dict, headers: np.ndarray, key_at) -> list[str]:
+    """What `verify` reports about the box-count table (format 1.1): missing where the metadata declares it,
+    malformed (docs/shard-format.md section 1), or disagreeing with the records. headers: each order
+    position's N as its record's header gives it (-1 where the record could not be read: reported already);
+    key_at(i): the id at position i (bytes), for the message. Empty: the table matches every record, or
+    the shard (1.0) has none."""
+    try:
+        chunks = box_table_chunks(path, txn, meta_db)
+        if not chunks:
+            if len(headers) and declares_box_table(meta):
+                return [f"box-count table: missing, though the metadata declares it (schema_minor "
+                        f"{meta['schema_minor']}); the shard is damaged"]
+            return []
+        table = decode_box_table(path, chunks, len(headers)).astype(np.int64)
+    except ShardError as e:
+        return [str(e).removeprefix(f"{path}: ")]
+    wrong = np.flatnonzero((table != headers) & (headers >= 0))
+    if not len(wrong):
+        return []
+    i = int(wrong[0])
+    more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+    name = key_at(i).decode("utf-8", "replace")
+    return [f"box-count table: position {i} ({name!r}) says {int(table[i])} boxes, the record holds "
+            f"{int(headers[i])}{more}; the table is damaged or forged (readers trust its counts)"]

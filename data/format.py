@@ -30,6 +30,16 @@ MAX_KEY_BYTES = 511  # LMDB's default compile-time limit
 DB_RECORDS, DB_ORDER, DB_META = b"records", b"order", b"meta"
 META_SHARD, META_STATE = b"shard", b"state"
 
+# Format 1.1 (spec section 1, "Box-count table"): meta/shard's `schema_minor` is 1, and the number of boxes of
+# every record, in order-table order, is stored in `meta` under BOX_COUNTS + chunk number (uint32
+# big-endian), BOX_CHUNK little-endian uint32 per chunk (the last one shorter). Chunks, not one value: a
+# commit rewrites only the chunk(s) its records fall in (at most 16 KB each), not a table the size of the
+# shard, so writing a million-record shard in 256-record commits costs O(records), not O(records^2).
+SCHEMA_MINOR = 1
+BOX_COUNTS = b"box_counts/"
+BOX_CHUNK = 4096
+_BOX_DTYPE = np.dtype("<u4")
+
 # magic, version, header_size, width, height, N, D, C, A, feature dtype, flags, reserved, extra_len, reserved
 _HEADER = struct.Struct("<4sHHIIIIIIBBHIQ")
 HEADER_SIZE = _HEADER.size  # 48
@@ -317,6 +327,88 @@ def peek_num_boxes(value) -> int:
     return _HEADER.unpack_from(mv, 0)[5]
 
 
+def header_num_boxes(key: bytes, value) -> int:
+    """N from a record's header, the header checked as decode_record checks it (magic, version, sizes; the
+    length the header implies equals the value's) but without the checksum: reads the first 48 bytes (one
+    page of the map), never the features. CorruptRecordError for a header that is not a record's."""
+    mv = memoryview(value)
+    size = mv.nbytes
+    if size < HEADER_SIZE + CHECKSUM_SIZE:
+        raise CorruptRecordError(_name(key, None), f"record is {size} bytes, shorter than the {HEADER_SIZE}-byte "
+                                 "header")
+    (magic, version, header_size, width, height, n, d, c, a, fcode, _flags, _r0, extra_len,
+     _r1) = _HEADER.unpack_from(mv, 0)
+    if magic != MAGIC or version != RECORD_VERSION or header_size != HEADER_SIZE or fcode not in FEATURE_DTYPES \
+            or not width or not height:
+        raise CorruptRecordError(_name(key, None), _header_problem(magic, version, header_size, fcode, width, height))
+    if _record_end(n, d, c, a, fcode, extra_len)[2] + CHECKSUM_SIZE != size:
+        raise CorruptRecordError(_name(key, None), f"record is {size} bytes but its header (N={n}, D={d}, C={c}, "
+                                 f"A={a}) implies another length; truncated or corrupt")
+    return n
+
+
+# ---- the box-count table (format 1.1): meta/BOX_COUNTS + chunk number --------------------------------
+
+
+def box_chunk_key(k: int) -> bytes:
+    return BOX_COUNTS + struct.pack(">I", k)
+
+
+def encode_box_counts(counts) -> bytes:
+    """Little-endian uint32 counts (a chunk's value)."""
+    return np.asarray(counts, dtype=np.int64).astype(_BOX_DTYPE).tobytes()
+
+
+def box_table_chunks(path: str, txn, meta_db) -> list:
+    """The values of the table's chunks, in order, as stored (buffers or bytes); [] if the shard has none.
+    ShardError for a key under the table's prefix that is not the next chunk (a gap, a stray key)."""
+    out = []
+    cur = txn.cursor(db=meta_db)
+    if not cur.set_range(BOX_COUNTS):
+        return out
+    for key, value in cur:
+        key = bytes(key)
+        if not key.startswith(BOX_COUNTS):
+            break
+        if key != box_chunk_key(len(out)):
+            raise ShardError(f"{path}: box-count table: meta key {key!r} is not chunk {len(out)} (expected "
+                             f"{box_chunk_key(len(out))!r}); the table is damaged or forged")
+        out.append(value)
+    return out
+
+
+def decode_box_table(path: str, chunks: list, count: int) -> np.ndarray:
+    """The stored chunks -> uint32 array of `count` box counts. ShardError naming the shard unless every chunk
+    but the last holds exactly BOX_CHUNK counts, the last 1..BOX_CHUNK, and they add up to `count` (the
+    order table's length). Sizes are checked before anything is allocated: a chunk is at most 16 KB."""
+    if len(chunks) != -(-count // BOX_CHUNK):
+        raise ShardError(f"{path}: box-count table has {len(chunks)} chunk(s), the shard's {count} records need "
+                         f"{-(-count // BOX_CHUNK)}; the table is damaged or forged (`regionbert-shards verify`)")
+    out = np.empty(count, dtype=np.uint32)
+    for k, value in enumerate(chunks):
+        want = min(BOX_CHUNK, count - k * BOX_CHUNK)
+        nbytes = memoryview(value).nbytes
+        if nbytes != want * _BOX_DTYPE.itemsize:
+            raise ShardError(f"{path}: box-count table chunk {k} is {nbytes} bytes, not {want} uint32 counts "
+                             f"(the shard has {count} records); the table is damaged or forged")
+        out[k * BOX_CHUNK:k * BOX_CHUNK + want] = np.frombuffer(value, dtype=_BOX_DTYPE)
+    return out
+
+
+def min_box_bytes(meta: dict) -> int:
+    """The fewest bytes one box takes in any record of a shard with this metadata (boxes, loc5, loc7, its
+    feature row and its class and attribute rows, padding left out): sum(counts) times this cannot exceed
+    data.mdb's size."""
+    names, attrs = meta.get("class_names"), meta.get("attribute_names")
+    feature = meta["feature_dim"] * np.dtype(meta["feature_dtype"]).itemsize
+    return (4 + 5 + 7) * 4 + feature + 2 * (len(names or ()) + len(attrs or ()))
+
+
+def declares_box_table(meta: dict) -> bool:
+    """Whether the shard's metadata says it carries the box-count table (format 1.1 and later)."""
+    return meta.get("schema_minor", 0) >= 1
+
+
 # ---- shard metadata: one JSON object under meta/b"shard" -------------------------------------------
 
 
@@ -387,6 +479,9 @@ def decode_meta(path: str, raw) -> dict:
             raise ShardError(f"{path}: {k} must be a list of strings or null")
     if meta.get("extractor") is not None and not isinstance(meta["extractor"], dict):
         raise ShardError(f"{path}: extractor must be a JSON object, got {type(meta['extractor']).__name__}")
+    minor = meta.get("schema_minor", 0)
+    if not isinstance(minor, int) or isinstance(minor, bool) or minor < 0:  # newer minors: compatible, read as 1
+        raise ShardError(f"{path}: schema_minor must be a non-negative integer, got {minor!r}")
     job = (meta.get("extractor") or {}).get("job")
     if job is not None and not isinstance(job, dict):
         raise ShardError(f"{path}: extractor.job must be a JSON object, got {type(job).__name__}")

@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import struct
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
 import lmdb
+import numpy as np
 
-from .checks import check_record
+from .checks import box_table_problems, check_record
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
 from .format import (
     DB_META,
@@ -26,6 +28,7 @@ from .format import (
     encode_json,
     hash_entry,
     now_iso,
+    order_key,
     peek_num_boxes,
     settings_diff,
     stored_checksum,
@@ -72,7 +75,8 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
         return report
     report.count = h.count
     hasher = content_hasher(h.meta)
-    with h.snapshot() as (txn, records, order, _):
+    with h.snapshot() as (txn, records, order, meta_db):
+        headers = array("q")  # each position's box count as its record says, for the box-count table
         n_records = txn.stat(records)["entries"]
         if n_records != h.count:
             report.problems.append(f"{n_records} records but {h.count} entries in the order table")
@@ -86,6 +90,7 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
             report.checked += 1
             if progress:
                 progress(1)
+            headers.append(-1)
             if not key:
                 report.bad.append((f"#{i}", "order table entry is empty"))
                 continue
@@ -95,11 +100,14 @@ def verify_shard(path: str, progress=None) -> VerifyReport:
                 continue
             try:
                 rec = decode_record(key, value, verify=True, expect=h.expect)
+                headers[-1] = rec.num_boxes
                 rec.extra  # noqa: B018 - parse it: verify checks every field
                 report.bad += [(name, rule) for rule in check_record(rec, key)]  # data/checks.py
                 hash_entry(hasher, key, stored_checksum(value))
             except CorruptRecordError as e:
                 report.bad.append((name, e.reason))
+        report.problems += box_table_problems(path, txn, meta_db, h.meta, np.frombuffer(headers, dtype=np.int64),
+                                              lambda i: bytes(txn.get(order_key(i), db=order) or b"?"))
     if not h.complete:
         report.problems.append("incomplete: the writer did not finish (rerun the job to resume it)")
     report.content_hash = "xxh3_128:" + hasher.hexdigest()

@@ -17,9 +17,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import lmdb
+import numpy as np
 
 from .errors import CorruptRecordError, ShardError, ShardMismatchError
-from .format import MAX_KEY_BYTES, Record, content_hash_of, decode_record, encode_key, order_key, settings_diff
+from .format import (
+    MAX_KEY_BYTES,
+    Record,
+    box_table_chunks,
+    content_hash_of,
+    declares_box_table,
+    decode_box_table,
+    decode_record,
+    encode_key,
+    header_num_boxes,
+    min_box_bytes,
+    order_key,
+    settings_diff,
+)
 from .handles import Handle, get_handle, open_for_reading_here
 from .indexfile import load_index
 
@@ -38,6 +52,7 @@ class ShardReader(Sequence):
     def __init__(self, path: str | os.PathLike, verify: bool = True, copy: bool = False):
         self.path = os.path.abspath(os.fspath(path))
         self.verify, self.copy = verify, copy
+        self._box_counts = None  # set by box_counts(): then every record read by position is compared with it
         with _lmdb_errors(self.path, "its metadata"):
             h = _handle(self.path, refresh=True)  # fail early on a bad path
         if not h.complete:
@@ -81,10 +96,87 @@ class ShardReader(Sequence):
             raise TypeError(f"ShardReader index must be an integer, got {type(index).__name__}; use .get(id)") from None
         key = self.key_at(index)
         try:
-            return self._read(key)
+            rec = self._read(key)
         except KeyError:
             raise ShardError(f"{self.path}: order table entry {index} names {_show(key)}, which has no record; "
                              "the shard is damaged") from None
+        counts = self._box_counts
+        if counts is not None and rec.num_boxes != counts[index]:  # (a negative index was made positive above)
+            self._table_disagrees(index if index >= 0 else index + len(counts), rec)
+        return rec
+
+    def box_counts(self) -> np.ndarray:
+        """The number of boxes of every record, in order (uint32, len(self)), without reading features.
+
+        Format 1.1 shards: from the box-count table the writer keeps in `meta` (one read transaction, a few
+        KB per 4096 records). The table is not trusted blindly: its length must be the shard's record count
+        and its total must fit in data.mdb (each box takes at least its location rows and its feature row),
+        so a forged table cannot make a trainer allocate or pad for boxes that do not exist; and from then on
+        every record this reader returns by position is compared with it (the header's N, which the record's
+        checksum covers): a table that lies about a record is a ShardError when that record is read.
+        `regionbert-shards verify` compares the whole table with every record.
+
+        Format 1.0 shards (written before the table): from each record's 48-byte header (the first page of
+        the record, not its features, no checksum), with one warning naming the shard. The header's length
+        must agree with the record's, as decode_record requires."""
+        if self._box_counts is None:
+            self._box_counts = self._load_box_counts()
+        return self._box_counts
+
+    def _load_box_counts(self) -> np.ndarray:
+        h = self._handle()
+        n = len(self)
+        with _lmdb_errors(self.path, "the box-count table"), h.snapshot() as (txn, records, order, meta_db):
+            chunks = box_table_chunks(self.path, txn, meta_db)
+            have = txn.stat(order)["entries"]  # this snapshot's count (an incomplete shard may have grown)
+            if have < n:
+                raise ShardError(f"{self.path}: the order table shrank from {n} to {have} entries while open; "
+                                 "the shard was replaced")
+            if chunks:
+                counts = decode_box_table(self.path, chunks, have)[:n]
+            elif n and declares_box_table(h.meta):
+                raise ShardError(f"{self.path}: the shard declares a box-count table (schema_minor "
+                                 f"{h.meta['schema_minor']}) but stores none; it is damaged (`regionbert-shards "
+                                 "verify`): restore it from its source")
+            else:
+                if n:
+                    _warn_no_table(self.path, n)
+                counts = self._header_counts(txn, records, order, n)
+        self._check_fits(counts)
+        counts.flags.writeable = False  # shared by everyone who asks (and by forked workers)
+        return counts
+
+    def _header_counts(self, txn, records, order, n: int) -> np.ndarray:
+        counts = np.empty(n, dtype=np.uint32)
+        for i, (_, key) in enumerate(txn.cursor(db=order)):
+            if i == n:
+                break
+            key = bytes(key)
+            value = txn.get(key, db=records) if 0 < len(key) <= MAX_KEY_BYTES else None
+            if value is None:
+                raise ShardError(f"{self.path}: order table entry {i} names {_show(key)}, which has no record; "
+                                 "the shard is damaged")
+            try:
+                counts[i] = header_num_boxes(key, value)
+            except CorruptRecordError as e:
+                raise e.at(self.path) from None
+        return counts
+
+    def _check_fits(self, counts: np.ndarray) -> None:
+        """The boxes the table claims fit in data.mdb: sum(counts) * (fewest bytes a box takes) <= its size."""
+        total = int(counts.sum(dtype=np.uint64))
+        per_box = min_box_bytes(self.meta)
+        size = os.stat(os.path.join(self.path, "data.mdb"), follow_symlinks=False).st_size
+        if total * per_box > size:
+            i = int(np.argmax(counts))
+            raise ShardError(f"{self.path}: box-count table claims {total} boxes (up to {int(counts[i])} in record "
+                             f"{i}), at least {total * per_box} bytes of {per_box} per box, but data.mdb is {size} "
+                             "bytes; the table is damaged or forged (`regionbert-shards verify`)")
+
+    def _table_disagrees(self, index: int, rec: Record) -> None:
+        raise ShardError(f"{self.path}: record {rec.id!r} (position {index}) has {rec.num_boxes} boxes, but the "
+                         f"shard's box-count table says {int(self._box_counts[index])}; the table is damaged or "
+                         "forged (`regionbert-shards verify`): restore the shard from its source")
 
     def get(self, image_id: str) -> Record:
         return self._read(encode_key(image_id))
@@ -128,6 +220,18 @@ class ShardReader(Sequence):
         except CorruptRecordError as e:
             raise e.at(self.path) from None
         return rec.copy() if self.copy else rec
+
+
+_WARNED: set = set()  # shards whose missing box-count table was reported in this process
+
+
+def _warn_no_table(path: str, n: int) -> None:
+    if path in _WARNED:
+        return
+    _WARNED.add(path)
+    warnings.warn(f"{path}: shard has no box-count table (written before format 1.1); counting the boxes of its "
+                  f"{n} records from their headers, one page each. Resuming or appending with this regionbert "
+                  "adds the table (`regionbert-shards copy` keeps the shard as it is)", stacklevel=4)
 
 
 @contextmanager
@@ -261,6 +365,18 @@ class ShardSet(Sequence):
             if image_id in s:
                 return s.get(image_id)
         raise KeyError(f"no record {image_id!r} in {len(self.shards)} shards")
+
+    def box_counts(self) -> np.ndarray:
+        """The number of boxes of every record of the set, in order (uint32, len(self)): each shard's
+        ShardReader.box_counts(), one read transaction per shard, no features touched."""
+        out = np.empty(len(self), dtype=np.uint32)
+        for s, start, end in zip(self.shards, self.offsets, self.offsets[1:], strict=False):
+            counts = s.box_counts()
+            if len(counts) != end - start:
+                raise ShardError(f"{s.path}: {len(counts)} box counts for {end - start} records; the shard "
+                                 "changed since it was opened")
+            out[start:end] = counts
+        return out
 
     def __contains__(self, image_id) -> bool:
         return any(image_id in s for s in self.shards)

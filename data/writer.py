@@ -8,22 +8,29 @@ import lmdb
 import numpy as np
 
 from .checks import refuse_bad_record
-from .errors import ShardError, ShardMismatchError
+from .errors import CorruptRecordError, ShardError, ShardMismatchError
 from .format import (  # noqa: F401 - DB_*, META_*, order_key, comparable_settings: also imported from here
+    BOX_CHUNK,
     DB_META,
     DB_ORDER,
     DB_RECORDS,
     FEATURE_DTYPE_CODES,
     META_SHARD,
     META_STATE,
+    SCHEMA_MINOR,
+    box_chunk_key,
+    box_table_chunks,
     comparable_settings,
     content_hash_of,
+    decode_box_table,
     decode_meta,
     decode_state,
+    encode_box_counts,
     encode_extra,
     encode_json,
     encode_key,
     encode_record,
+    header_num_boxes,
     make_meta,
     now_iso,
     order_key,
@@ -51,6 +58,11 @@ class ShardWriter:
 
     A complete shard is immutable (readers open it without locks): reopening one writes nothing, and
     adding a new record to it is refused unless append=True, which is safe only while nobody reads it.
+
+    Every commit also stores its records' box counts in the shard's box-count table (format 1.1, see
+    docs/shard-format.md), in the same transaction, so the table is whole at every commit boundary: after a
+    kill -9, on resume, and in a copy. A shard written before the table (format 1.0) gets one, built from its
+    records' headers, the first time this writer changes it (resume or append); left alone, it stays 1.0.
     """
 
     def __init__(
@@ -100,9 +112,11 @@ class ShardWriter:
         self._order = self._env.open_db(DB_ORDER)
         self._meta_db = self._env.open_db(DB_META)
         wanted = make_meta(feature_dim, feature_dtype, class_names, attribute_names, extractor or {}, now_iso())
+        wanted["schema_minor"] = SCHEMA_MINOR  # a new shard carries the box-count table from its first commit
         with self._env.begin() as txn:
             raw = txn.get(META_SHARD, db=self._meta_db)
             state = txn.get(META_STATE, db=self._meta_db)
+            table = box_table_chunks(self.path, txn, self._meta_db)
         if raw is not None:  # resume: the shard's settings win, and must match ours
             self.meta = decode_meta(self.path, raw)
             diff = settings_diff(self.meta, wanted)
@@ -114,6 +128,15 @@ class ShardWriter:
             self.meta = wanted
         with self._env.begin() as txn:
             self.count = txn.stat(self._order)["entries"]
+        # the table must cover exactly the committed records (it is written in their transactions); a shard
+        # without one (format 1.0) gets it built from its headers when this writer first changes the shard
+        self._table_missing = not table and self.count > 0
+        if self._table_missing and self.meta.get("schema_minor", 0) >= 1:
+            raise ShardError(f"{self.path}: the shard declares a box-count table (schema_minor "
+                             f"{self.meta['schema_minor']}) but stores none; it is damaged (`regionbert-shards "
+                             "verify`): restore it from its source")
+        if table:
+            decode_box_table(self.path, table, self.count)  # ShardError if its length is not the shard's
         self._pending: list[tuple[bytes, bytes]] = []
         self._pending_keys: set[bytes] = set()
         self._pending_bytes = 0
@@ -134,7 +157,12 @@ class ShardWriter:
             raise ShardError(f"{self.path}: shard is complete (finished, maybe published and being read); "
                              "adding records would change it under its readers. Write a new shard, or append "
                              "on purpose (append=True / --append) while nobody reads it")
-        self._write_state(complete=False, meta=self.meta)
+        counts = None
+        if self._table_missing:  # format 1.0: the table, from the headers of the records already there
+            counts = self._header_counts()
+            self.meta = {**self.meta, "schema_minor": SCHEMA_MINOR}
+        self._write_state(complete=False, meta=self.meta, counts=counts)
+        self._table_missing = False
         self._touched = True
 
     # -- queries ------------------------------------------------------------------------------------
@@ -198,6 +226,7 @@ class ShardWriter:
                     for i, (key, value) in enumerate(self._pending):
                         txn.put(key, value, db=self._records)
                         txn.put(order_key(self.count + i), key, db=self._order)
+                    self._put_counts(txn, self.count, [header_num_boxes(k, v) for k, v in self._pending])
                     txn.put(META_STATE, state, db=self._meta_db)
                 break
             except lmdb.MapFullError:
@@ -237,12 +266,46 @@ class ShardWriter:
 
     # -- internals ----------------------------------------------------------------------------------
 
-    def _write_state(self, complete: bool, meta: dict | None = None) -> None:
+    def _put_counts(self, txn, start: int, counts: list[int]) -> None:
+        """Store the box counts of positions start.. in the table: the chunk holding `start` is read (it holds
+        exactly start % BOX_CHUNK counts) and it and any later chunks are written whole."""
+        k = start // BOX_CHUNK
+        head = b""
+        if start % BOX_CHUNK:
+            head = txn.get(box_chunk_key(k), db=self._meta_db) or b""
+            if len(head) != 4 * (start % BOX_CHUNK):  # written in the same transactions as the records: damage
+                raise ShardError(f"{self.path}: box-count table chunk {k} holds {len(head) // 4} counts, "
+                                 f"{start % BOX_CHUNK} expected; the shard is damaged (`regionbert-shards verify`)")
+        data = head + encode_box_counts(counts)
+        for off in range(0, len(data), 4 * BOX_CHUNK):
+            txn.put(box_chunk_key(k), data[off:off + 4 * BOX_CHUNK], db=self._meta_db)
+            k += 1
+
+    def _header_counts(self) -> list[int]:
+        """The box counts of the committed records, in order, from their headers (a format 1.0 shard)."""
+        counts = []
+        with self._env.begin(buffers=True) as txn:
+            for i, (_, key) in enumerate(txn.cursor(db=self._order)):
+                value = txn.get(bytes(key), db=self._records)
+                if value is None:
+                    raise ShardError(f"{self.path}: order table entry {i} names {bytes(key)!r}, which has no "
+                                     "record; the shard is damaged (`regionbert-shards verify`)")
+                try:
+                    counts.append(header_num_boxes(bytes(key), value))
+                except CorruptRecordError as e:
+                    raise e.at(self.path) from None
+        if len(counts) != self.count:
+            raise ShardError(f"{self.path}: order table holds {len(counts)} entries, {self.count} expected")
+        return counts
+
+    def _write_state(self, complete: bool, meta: dict | None = None, counts: list[int] | None = None) -> None:
         while True:
             try:
                 with self._env.begin(write=True, buffers=True) as txn:  # buffers: the hash reads 8 bytes a record
                     if meta is not None:
                         txn.put(META_SHARD, encode_json(meta), db=self._meta_db)
+                    if counts is not None:  # a format 1.0 shard's table, with the metadata that declares it
+                        self._put_counts(txn, 0, counts)
                     state = {"count": self.count, "complete": complete, "updated": now_iso()}
                     if complete:  # stored for readers to compare with an index (cheap at open; verify recomputes)
                         state["content_hash"] = content_hash_of(txn, self._records, self._order, self.meta, self.path)
