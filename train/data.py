@@ -49,7 +49,8 @@ class Pairs:
         self.pool = np.array([position[n] for n in names], dtype=np.int64)  # image -> ShardSet index
         self.image_ids = list(names)
         self.tokens = text.encode(df["caption"].tolist())
-        self.num_boxes = np.array([min(shards[int(i)].num_boxes, max_regions) for i in self.pool], dtype=np.int64)
+        # from each shard's box-count table (or its record headers), never reading features (issue 24 item 1)
+        self.num_boxes = np.minimum(shards.box_counts()[self.pool], max_regions).astype(np.int64)
         self.lengths = np.array([len(t) for t in self.tokens]) + self.num_boxes[self.image]  # text + regions
 
     def __len__(self) -> int:
