@@ -1,5 +1,6 @@
 """Captions, tokens, batching, config and the `regionbert-pretrain` command, end to end on real shards."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -103,6 +104,45 @@ def test_task_sampler_mixes_tasks_and_makes_negatives(pairs):
     assert np.mean([abs(p.num_boxes[o] - p.num_boxes[n]) for o, n in negs]) <= 3  # near in box count
     again = TaskSampler(TokenBucketSampler(p.lengths, 600), p, {"mlm": 3, "itm": 1}, seed=0, neg_window=10, skip=5)
     assert next(iter(again)) == batches[5]  # resumable: skip reproduces the stream
+
+
+def _real_length(p, key) -> int:
+    """A key's padded length in a batch: its text + the regions of the image it shows (a negative's)."""
+    _, pair, other, _ = key
+    return int(p.lengths[pair] - p.num_boxes[p.image[pair]] + p.num_boxes[p.image[pair] if other < 0 else other])
+
+
+def test_every_batch_of_every_task_keeps_the_token_budget(pairs):
+    # issue 23: ITM negatives were swapped into batches cut by the pairs' own lengths (up to 3.6x the budget)
+    p, _ = pairs
+    budget, mix = 300, {"mlm": 1, "itm": 2, "mrfr": 1}
+    for world in (1, 2):
+        streams = [list(itertools.islice(TaskSampler(TokenBucketSampler(p.lengths, budget), p, mix, seed=0, rank=r,
+                                                     world_size=world), 400)) for r in range(world)]
+        for s in streams:
+            assert [b[0][0] for b in s] == [b[0][0] for b in streams[0]]  # the ranks stay in step
+            tasks = Counter(b[0][0] for b in s)
+            assert 0.4 < tasks["itm"] / len(s) < 0.6  # one task per step, drawn with the mix's ratios
+            for b in s:
+                lens = [_real_length(p, k) for k in b]
+                assert len(b) == 1 or len(b) * max(lens) <= budget, (b[0][0], len(b), max(lens))
+                assert len({k[0] for k in b}) == 1
+            itm = [k for b in s if b[0][0] == "itm" for k in b]
+            negs = [(p.image[k[1]], k[2]) for k in itm if k[2] >= 0]
+            assert 0.4 < len(negs) / len(itm) < 0.6 and all(own != other for own, other in negs)
+            far = [abs(int(p.num_boxes[o]) - int(p.num_boxes[n])) for o, n in negs]
+            assert max(far) >= 20  # negatives from any image (UNITER), not ones near in box count
+            pad = 1 - sum(_real_length(p, k) for b in s for k in b) / sum(
+                len(b) * max(_real_length(p, k) for k in b) for b in s)
+            assert pad < 0.15
+        for skip in (0, 1, 7, 150, 399):  # resumable anywhere, ITM's stream included
+            again = TaskSampler(TokenBucketSampler(p.lengths, budget), p, mix, seed=0, rank=world - 1,
+                                world_size=world, skip=skip)
+            assert list(itertools.islice(again, 1)) == streams[-1][skip:skip + 1]
+    # the keys the pair batches would give an ITM step (the way before) break the budget on this data
+    sampler = TaskSampler(TokenBucketSampler(p.lengths, budget), p, {"itm": 1}, seed=0)
+    old = [sampler.keys(b, 0, i) for i, b in enumerate(sampler.buckets.batches(0))]
+    assert max(len(b) * max(_real_length(p, k) for k in b) for b in old) > 1.2 * budget
 
 
 def test_dataset_masks_by_task_and_collate_measures_padding(data, pairs):

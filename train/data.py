@@ -368,20 +368,23 @@ class TokenBucketSampler:
         self.budget, self.bucket_size, self.sort, self.seed = token_budget, bucket_size, sort, seed
         self.max_batch_size = max_batch_size or len(self.lengths)
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths))
+    def batches(self, epoch: int, lengths: np.ndarray | None = None,
+                rng: np.random.Generator | None = None) -> list[list[int]]:
+        """An epoch's batches of pair indices; lengths and rng: other lengths (ITM's real ones) and draws."""
+        rng = np.random.default_rng([self.seed, epoch]) if rng is None else rng
+        lengths = self.lengths if lengths is None else np.asarray(lengths)
+        order = rng.permutation(len(lengths))
         out = []
         for start in range(0, len(order), self.bucket_size):
             bucket = order[start:start + self.bucket_size]
             if self.sort:
-                bucket = bucket[np.argsort(-self.lengths[bucket], kind="stable")]
+                bucket = bucket[np.argsort(-lengths[bucket], kind="stable")]
             batch, longest = [], 0
             for i in bucket.tolist():
-                n = max(longest, int(self.lengths[i]))
+                n = max(longest, int(lengths[i]))
                 if batch and (n * (len(batch) + 1) > self.budget or len(batch) >= self.max_batch_size):
                     out.append(batch)
-                    batch, n = [], int(self.lengths[i])
+                    batch, n = [], int(lengths[i])
                 batch.append(i)
                 longest = n
             if batch:
@@ -403,17 +406,28 @@ class TaskSampler:
     mix: {task: ratio}; a batch's task is drawn with these probabilities. In an ITM batch each pair's
     image is swapped for another image with probability itm_neg_prob, drawn uniformly from all other
     images (neg_window 0, UNITER's data/itm.py), or from the neg_window images nearest in box count on
-    either side: tighter ITM batches, and a negative's box count then says nothing. That option is
-    not the default because it is harder to start from: from scratch with the default mix (bench/
-    ablate_itm_plateau.py) ITM left chance by step 800 with any image as negative, and was still at
-    chance at step 1,000 with a window of 100.
+    either side: a negative's box count then says nothing. That option is not the default because it
+    is harder to start from: from scratch with the default mix (bench/ablate_itm_plateau.py) ITM left
+    chance by step 800 with any image as negative, and was still at chance at step 1,000 with a window
+    of 100.
     skip: batches to pass over (to resume a run where it stopped).
+
+    Every batch of every task keeps the token budget. The token buckets cut batches by each pair's own
+    length (text + its image's regions); an ITM negative brings another image's regions, so ITM batches
+    are not those: ITM has a stream of its own (`itm_batches`), as in UNITER, whose ITM dataset buckets
+    by the lengths its samples have once the negatives are drawn: every pair's negative (or not) is drawn
+    for the epoch, and the pairs are bucketed by those real lengths, under the same budget, with as
+    little padding as the other tasks. A step whose drawn task is ITM takes the next batch of that
+    stream (and the pair batch of its step goes unused, as it went to ITM before); the mix stays one
+    task per step with the ratios given. Before, negatives were swapped into batches cut by the pairs'
+    own lengths: ITM batches held up to 3.6x the budget and 44% padding.
 
     Distributed: an epoch's batches are dealt out in groups of world_size, batch g * world_size + rank
     to each rank (a remainder smaller than a group is dropped, so every rank has as many steps). The
     task of group g is drawn from an RNG seeded by (seed, epoch, g) only: every rank trains the same
-    task at the same step, so each step's gradients are of one objective, as in UNITER.
-    On one process this is the same stream as before sharding existed."""
+    task at the same step, so each step's gradients are of one objective, as in UNITER. ITM's stream
+    is dealt out the same way (its j-th ITM step: ITM batch j * world_size + rank), so every rank has
+    one batch per step. On one process this is the same stream as before sharding existed."""
 
     def __init__(self, buckets: TokenBucketSampler, pairs: Pairs, mix: dict, seed: int = 0,
                  itm_neg_prob: float = 0.5, neg_window: int = 0, skip: int = 0, rank: int = 0,
@@ -433,6 +447,7 @@ class TaskSampler:
         self.rank = np.empty_like(self.by_boxes)
         self.rank[self.by_boxes] = np.arange(len(self.by_boxes))
         self.window = neg_window if 0 < 2 * neg_window + 1 < pairs.num_images else 0
+        self._itm = None  # (epoch, [(batches, other image per pair) per round]) of ITM's stream
 
     def __iter__(self):
         skip, W = self.skip, self.world_size
@@ -442,16 +457,28 @@ class TaskSampler:
             if groups == 0:
                 raise ValueError(f"an epoch has {len(batches)} batches, fewer than the {W} processes: "
                                  "lower data.token_budget or use more data")
-            if skip >= groups:
-                skip -= groups
-                continue
-            for g in range(skip, groups):
-                b = g * W + self.process_rank
-                yield self.keys(batches[b], epoch, b, g)
-            skip = 0
+            itm_steps = 0  # ITM steps so far this epoch: the next one's place in ITM's stream
+            for g in range(groups):
+                task = self.task(epoch, g)
+                if task == "itm":
+                    itm_steps += 1
+                if skip:
+                    skip -= 1
+                elif task == "itm":
+                    yield self.itm_keys(epoch, itm_steps - 1)
+                else:
+                    b = g * W + self.process_rank
+                    yield self.keys(batches[b], epoch, b, g)
+
+    def task(self, epoch: int, group: int) -> str:
+        """The task of an epoch's group of batches (the same on every rank)."""
+        rng = np.random.default_rng([self.seed, epoch, group])
+        return self.tasks[rng.choice(len(self.tasks), p=self.probs)]
 
     def keys(self, batch: list[int], epoch: int, b: int, group: int | None = None) -> list[tuple]:
-        """The dataset keys of batch b of an epoch; its task comes from its group (the step's batches)."""
+        """The dataset keys of batch b of an epoch's pair batches; its task comes from its group (the
+        step's batches). An ITM step takes its batch from itm_keys instead (here, for a pair batch drawn
+        ITM, its negatives are swapped in: the pairs' own lengths, not a batch the budget holds for)."""
         group = b if group is None else group
         rng = np.random.default_rng([self.seed, epoch, group])  # the same on every rank
         task = self.tasks[rng.choice(len(self.tasks), p=self.probs)]
@@ -463,6 +490,41 @@ class TaskSampler:
             other = np.where(neg, self.negatives(self.pairs.image[batch], rng), -1)
         return [(task, p, int(o), (self.seed, epoch, b, j))
                 for j, (p, o) in enumerate(zip(batch, other.tolist(), strict=True))]
+
+    def itm_batches(self, epoch: int, round_: int) -> tuple[list[list[int]], np.ndarray]:
+        """One round of ITM's stream in an epoch: (batches of pair indices, the image each pair shows:
+        a negative, or -1 for its own). Every pair's negative is drawn (with probability itm_neg_prob),
+        then the pairs are bucketed by the lengths they really have (text + the shown image's regions)
+        under the budget. Seeded by (seed, epoch, 2**32 - 1, round): apart from the pair batches' draws."""
+        rng = np.random.default_rng([self.seed, epoch, 0xFFFFFFFF, round_])
+        own = self.pairs.image
+        neg = rng.random(len(own)) < self.neg_prob
+        other = np.where(neg, self.negatives(own, rng), -1)
+        text = np.asarray(self.pairs.lengths) - self.pairs.num_boxes[own]
+        real = text + self.pairs.num_boxes[np.where(other < 0, own, other)]
+        return self.buckets.batches(epoch, lengths=real, rng=rng), other
+
+    def itm_keys(self, epoch: int, j: int) -> list[tuple]:
+        """The keys of this rank's batch for the j-th ITM step of an epoch: ITM batch j * world_size + rank
+        of the epoch's ITM stream (rounds of itm_batches one after the other, each dealt out whole groups
+        of world_size; a round used up, the next begins, with new negatives)."""
+        W = self.world_size
+        if self._itm is None or self._itm[0] != epoch:
+            self._itm = (epoch, [])
+        rounds, g = self._itm[1], j
+        for r in itertools.count():
+            if r == len(rounds):
+                rounds.append(self.itm_batches(epoch, r))
+            batches, other = rounds[r]
+            if g < len(batches) // W:
+                break
+            if not len(batches) // W:
+                raise ValueError(f"ITM's stream has {len(batches)} batches, fewer than the {W} processes: "
+                                 "lower data.token_budget or use more data")
+            g -= len(batches) // W
+        b = g * W + self.process_rank
+        return [("itm", p, int(other[p]), (self.seed, epoch, 0xFFFFFFFF - r, b, j))
+                for j, p in enumerate(batches[b])]
 
     def negatives(self, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """For each image in own, another image: near it in box count (see above), never itself."""
