@@ -117,11 +117,23 @@ def _lines(path: str | None) -> list[str] | None:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
+def _is_parquet(args) -> bool:
+    from .convert.parquet import is_parquet
+
+    return args.source_format == "parquet" or (args.source_format == "auto" and is_parquet(args.inputs[0]))
+
+
 def cmd_import(args) -> int:
     from .convert import open_source, run_import
 
-    source = open_source(args.inputs, args.source_format, sizes=args.sizes, class_names=_lines(args.class_names),
-                         no_class_probs=args.no_class_probs, feature_dim=args.feature_dim, chunk_rows=args.chunk_rows)
+    if _is_parquet(args):  # our Parquet export (data/convert/parquet.py): files or export folders
+        from .convert.parquet import parquet_source
+
+        source = parquet_source(args.inputs)
+    else:
+        source = open_source(args.inputs, args.source_format, sizes=args.sizes,
+                             class_names=_lines(args.class_names), no_class_probs=args.no_class_probs,
+                             feature_dim=args.feature_dim, chunk_rows=args.chunk_rows)
     r = run_import(source, args.out, on_error=args.on_error, report=args.report, n_jobs=args.jobs,
                    feature_dtype=args.dtype, progress=not args.quiet, commit_every=args.commit_every)
     print(f"imported into {args.out}: {r.added} records added, {r.skipped_existing} already there, "
@@ -143,12 +155,40 @@ def cmd_export(args) -> int:
         from .reader import ShardSet
 
         source = [s.path for s in ShardSet(args.shards, check_settings=False, allow_outside=True).shards]
+    if args.to == "parquet":
+        return _export_parquet(args, source)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ExportWarning)
         n = export(source, args.out, args.to, max_boxes=args.max_boxes, progress=not args.quiet)
     print(f"wrote {args.out}: {n} records as {args.to}")
     for w in caught:  # what the format could not carry
         print(f"regionbert-shards export: note: {w.message}", file=sys.stderr)
+    return 0
+
+
+def _export_parquet(args, source) -> int:
+    from .convert.parquet import export_parquet
+
+    if args.max_file_mb <= 0 or args.row_group <= 0:
+        raise ShardError("--max-file-mb and --row-group must be positive")
+    files = export_parquet(source, args.out, max_file_bytes=int(args.max_file_mb * 10**6), row_group=args.row_group,
+                           split=args.split, progress=not args.quiet, card=not args.no_card)
+    size = sum(os.path.getsize(f) for f in files)
+    card = "" if args.no_card else f" and {os.path.join(args.out, 'README.md')}"
+    print(f"wrote {args.out}: {len(files)} Parquet file(s), {size / 2**20:.1f} MiB{card}")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .card import write_card
+
+    source = args.shards
+    if args.allow_outside:  # as export: checked here, then handed on as plain shard paths
+        from .reader import ShardSet
+
+        source = [s.path for s in ShardSet(args.shards, check_settings=False, allow_outside=True).shards]
+    write_card(source, args.out, split=args.split, progress=not args.quiet)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -219,6 +259,16 @@ def _add_publish_commands(sub) -> None:
     _allow_outside(s)
     s.set_defaults(fn=cmd_show)
 
+    s = sub.add_parser("card", help="write a data-set card (README.md with hub YAML front matter) from the shards' "
+                       "metadata; the shards are verified first")
+    s.add_argument("shards", nargs="+", help="shard folders, folders of shards, or index files")
+    s.add_argument("-o", "--out", required=True, help="card to write (e.g. README.md); Parquet files of an export "
+                   "of these shards in its folder's data/ are listed and named in the hub configs")
+    s.add_argument("--split", default="train", help="split name of the Parquet files (default train)")
+    _allow_outside(s)
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=cmd_card)
+
     s = sub.add_parser("copy", help="publish a shard: a compacting copy, checked by content hash")
     s.add_argument("src")
     s.add_argument("dst", help="new shard folder (written as DST.partial, then renamed)")
@@ -228,11 +278,14 @@ def _add_publish_commands(sub) -> None:
 def _add_convert_commands(sub) -> None:
     from .convert import EXPORT_FORMATS, IMPORT_FORMATS
 
-    s = sub.add_parser("import", help="bottom-up-attention / LXMERT TSV, UNITER npz folder or HDF5 -> a shard")
-    s.add_argument("inputs", nargs="+", help="TSV file(s) of one format, one npz folder, or one HDF5 file")
+    s = sub.add_parser("import", help="bottom-up-attention / LXMERT TSV, UNITER npz folder, HDF5 or our Parquet "
+                       "-> a shard")
+    s.add_argument("inputs", nargs="+", help="TSV file(s) of one format, one npz folder, one HDF5 file, or the "
+                   "Parquet files (or folder) of one `export --to parquet`")
     s.add_argument("-o", "--out", required=True, help="shard folder to write (resumed if it exists)")
-    s.add_argument("--from", dest="source_format", choices=["auto", *IMPORT_FORMATS], default="auto",
-                   help="source format (default: detect: folder = npz, HDF5 signature, TSV field count)")
+    s.add_argument("--from", dest="source_format", choices=["auto", *IMPORT_FORMATS, "parquet"], default="auto",
+                   help="source format (default: detect: Parquet signature or a folder holding .parquet files, "
+                        "folder = npz, HDF5 signature, TSV field count)")
     s.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                    help="a bad row stops the import (default), or is skipped and listed in --report")
     s.add_argument("--report", help="JSONL of skipped rows (default OUT.import-errors.jsonl)")
@@ -249,11 +302,18 @@ def _add_convert_commands(sub) -> None:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_import)
 
-    s = sub.add_parser("export", help="shards -> HDF5 (ours or padded), LXMERT / bottom-up-attention TSV, npz")
+    s = sub.add_parser("export", help="shards -> HDF5 (ours or padded), LXMERT / bottom-up-attention TSV, npz, "
+                       "Parquet (+ data-set card)")
     s.add_argument("shards", nargs="+", help="shard folders, folders of shards, or index files")
-    s.add_argument("-o", "--out", required=True, help="file to write (a folder for uniter_npz)")
-    s.add_argument("--to", choices=EXPORT_FORMATS, required=True)
+    s.add_argument("-o", "--out", required=True, help="file to write (a folder for uniter_npz and parquet)")
+    s.add_argument("--to", choices=[*EXPORT_FORMATS, "parquet"], required=True)
     s.add_argument("--max-boxes", type=int, help="padded_hdf5: pad to this many boxes (default: the largest record)")
+    s.add_argument("--max-file-mb", type=float, default=500,
+                   help="parquet: start a new file before one passes this many MB (default 500, for a hub)")
+    s.add_argument("--row-group", type=int, default=128,
+                   help="parquet: images per row group (the unit written and read at once; bounds memory)")
+    s.add_argument("--split", default="train", help="parquet: split name in the file names and card (default train)")
+    s.add_argument("--no-card", action="store_true", help="parquet: do not write README.md (the data-set card)")
     _allow_outside(s)
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=cmd_export)
