@@ -85,6 +85,8 @@ class PairDataset(torch.utils.data.Dataset):
         # images whose record passed the record rules in this process: a shard is immutable, so each is
         # checked once (a byte per image, as Pairs keeps per pair), and a later epoch's batches cost nothing
         self._checked = np.zeros(pairs.num_images, dtype=bool)
+        self._text_lens = np.asarray(pairs.lengths) - pairs.num_boxes[pairs.image]  # each pair's text length
+        self.ring_slots = 8  # shared batch buffers per loader worker (build_data: prefetch_factor + 4)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -118,7 +120,13 @@ class PairDataset(torch.utils.data.Dataset):
         widths = {"features": (meta["feature_dim"], np.dtype(meta["feature_dtype"])),
                   "locations": (self.loc_dim, np.dtype(np.float32)),
                   "class_probs": (self.num_classes, np.dtype(np.float16))}
-        buffers = {k: _BUFFERS.take(k, (B, N, w), dt) for k, (w, dt) in widths.items()}  # tensors
+        if torch.utils.data.get_worker_info() is None:
+            buffers = {k: _BUFFERS.take(k, (B, N, w), dt) for k, (w, dt) in widths.items()}  # tensors
+        else:  # in a loader worker: the whole batch in one of the worker's reused shared buffers
+            L = int(self._text_lens[[k[1] for k in keys]].max(initial=0))
+            arena = worker_ring(self.ring_slots).arena(batch_bytes(B, N, L, widths))
+            buffers = {k: arena.take((B, N, w), dt) for k, (w, dt) in widths.items()}
+            buffers["_arena"] = arena
         feats, locs, probs_buf = (buffers[k].numpy() for k in widths)
         fresh = np.flatnonzero(~self._checked[images])  # rows of images the rules have not checked yet
         if len(fresh):
@@ -144,7 +152,7 @@ class PairDataset(torch.utils.data.Dataset):
                 probs_buf[j, :n] = 0
             if n < N:  # padding: zeros (the buffers are reused)
                 feats[j, n:], locs[j, n:], probs_buf[j, n:] = 0, 0, 0
-            views = (feats[j, :n], locs[j, :n], probs_buf[j, :n])
+            views = [feats[j, :n], locs[j, :n], probs_buf[j, :n]]  # + text and masks' views, below
             samples.append({"task": task, "input_ids": pairs.tokens[p], "mlm_labels": None, "region_mask": None,
                             "features": views[0], "locations": views[1], "class_probs": views[2],
                             "itm_label": int(other < 0), "pair": p, "image": image, "id": rec.id,
@@ -168,17 +176,22 @@ class PairDataset(torch.utils.data.Dataset):
             for row, j in enumerate(text_rows):
                 t = len(samples[j]["input_ids"])
                 samples[j]["input_ids"], samples[j]["mlm_labels"] = inputs[row, :t], labels[row, :t]
+            if len(text_rows) == B:  # padded as collate pads (0, IGNORE): it takes them as they are
+                buffers["_text"] = (inputs, labels)
         if region_rows:
             lens = [len(samples[j]["features"]) for j in region_rows]
             chosen = mask_regions_batch(lens, [samples[j]["rng"] for j in region_rows], self.mask_prob)
             for row, j in enumerate(region_rows):
                 samples[j]["region_mask"] = chosen[row, :lens[row]]
+            if len(region_rows) == B and chosen.shape[1] == N:
+                buffers["_region_mask"] = chosen
         for s in samples:
             s.pop("rng", None)
             if s["mlm_labels"] is None:
                 s["mlm_labels"] = np.full_like(s["input_ids"], IGNORE)
             if s["region_mask"] is None:
                 s["region_mask"] = np.zeros(len(s["features"]), dtype=bool)
+            s["_rows"][2].extend((s["input_ids"], s["mlm_labels"], s["region_mask"]))
         return samples
 
     def _check_rules(self, images: list[int], boxes, sizes, lens, locs, probs) -> None:
@@ -235,23 +248,38 @@ class HostBuffers:
         return torch.from_numpy(flat[:nbytes].view(dtype).reshape(shape))
 
 
-TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
-                np.dtype(np.float64): torch.float64, np.dtype(np.int64): torch.int64, np.dtype(bool): torch.bool}
+TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16,
+                np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
+                np.dtype(np.int64): torch.int64, np.dtype(bool): torch.bool}
 _BUFFERS = HostBuffers()
+
+
+def _pad_into(out: np.ndarray, rows: list[np.ndarray], lens: np.ndarray, fill) -> np.ndarray:
+    """Short 1-d rows (len lens[b]) into out (B, width), padded with fill, in one scatter."""
+    out.fill(fill)
+    out[np.arange(out.shape[1])[None] < lens[:, None]] = np.concatenate(rows)
+    return out
 
 
 def _pad_rows(rows: list[np.ndarray], lens: np.ndarray, width: int, fill, dtype) -> torch.Tensor:
     """Short 1-d rows (len lens[b]) into a (B, width) tensor padded with fill, in one scatter."""
-    out = np.full((len(rows), width), fill, dtype=dtype)
-    out[np.arange(width)[None] < lens[:, None]] = np.concatenate(rows)
-    return torch.from_numpy(out)
+    return torch.from_numpy(_pad_into(np.empty((len(rows), width), dtype=dtype), rows, lens, fill))
+
+
+_FIELDS = ("features", "locations", "class_probs", "input_ids", "mlm_labels", "region_mask")
 
 
 def collate(samples: list[dict]) -> dict:
     """Pad a list of samples of one task into a batch of tensors (text to the longest text, regions
     to the most regions; the model packs them). Features and class probabilities stay in the shard's
     dtype (float16): the batch-to-device step casts them on the device (to_device). pad_fraction: the
-    share of the packed (B, T) sequence that is padding. ids: the record id of each sample's image."""
+    share of the packed (B, T) sequence that is padding. ids: the record id of each sample's image.
+
+    Samples just as PairDataset made them (rows 0..B-1 of one batch, unedited) are taken as they are:
+    their regions are already in the batch's buffers, their masked text and region masks already padded
+    by the batch masking. In a loader worker every tensor of the batch is carved out of one of the
+    worker's reused shared buffers (WorkerRing) and goes to the main process as its place in that
+    buffer (Loader puts the tensors back together there)."""
     B = len(samples)
     text_lens = np.fromiter((len(s["input_ids"]) for s in samples), np.int64, B)
     region_lens = np.fromiter((len(s["features"]) for s in samples), np.int64, B)
@@ -259,11 +287,22 @@ def collate(samples: list[dict]) -> dict:
     first = samples[0]
     rows = [s.get("_rows") for s in samples]
     filled = rows[0] and rows[0][0]["features"].shape[:2] == (B, N) and all(  # rows 0..B-1 of one batch, unedited
-        r is not None and r[0] is rows[0][0] and r[1] == b and r[2][0] is s["features"] and r[2][1] is s["locations"]
-        and r[2][2] is s["class_probs"] for b, (r, s) in enumerate(zip(rows, samples, strict=True)))
-    regions = rows[0][0] if filled else {}  # the batch's buffers as PairDataset filled them, or:
-    for k in () if filled else ("features", "locations", "class_probs"):  # (B, N, width) each, copied
-        buf = _BUFFERS.take(k, (B, N, first[k].shape[1]), first[k].dtype)
+        r is not None and r[0] is rows[0][0] and r[1] == b and len(r[2]) == 6
+        and all(v is s[k] for v, k in zip(r[2], _FIELDS, strict=True))
+        for b, (r, s) in enumerate(zip(rows, samples, strict=True)))
+    buffers = rows[0][0] if filled else {}
+    arena = buffers.get("_arena")
+    if not filled and torch.utils.data.get_worker_info() is not None:
+        widths = {k: (first[k].shape[1], first[k].dtype) for k in _FIELDS[:3]}
+        arena = worker_ring(8).arena(batch_bytes(B, N, L, widths))
+
+    def take(field, shape, dtype) -> np.ndarray | None:  # an arena's array, or None: a fresh one
+        return arena.take(shape, dtype).numpy() if arena is not None else None
+
+    regions = {k: buffers[k] for k in _FIELDS[:3]} if filled else {}  # as PairDataset filled them, or:
+    for k in () if filled else _FIELDS[:3]:  # (B, N, width) each, copied
+        buf = arena.take((B, N, first[k].shape[1]), first[k].dtype) if arena is not None else \
+            _BUFFERS.take(k, (B, N, first[k].shape[1]), first[k].dtype)
         a = buf.numpy()
         for b, s in enumerate(samples):
             n = len(s[k])
@@ -271,19 +310,224 @@ def collate(samples: list[dict]) -> dict:
             if n < N:
                 a[b, n:] = 0
         regions[k] = buf
+    out = {}
+    text = buffers.get("_text")
+    for k, fill in (("input_ids", 0), ("mlm_labels", IGNORE)):
+        dst = take(k, (B, L), np.int64)
+        if text is not None and text[0].shape[1] == L:  # the batch masking's own padded arrays
+            src = text[0 if k == "input_ids" else 1]
+            if dst is None:
+                out[k] = torch.from_numpy(src)
+            else:
+                dst[...] = src
+        else:
+            if dst is None:
+                dst = np.empty((B, L), np.int64)
+            _pad_into(dst, [s[k] for s in samples], text_lens, fill)
+        if k not in out:
+            out[k] = torch.from_numpy(dst)
+    chosen = buffers.get("_region_mask")
+    mask = take("region_mask", (B, N), bool)
+    if chosen is not None and mask is None:
+        out["region_mask"] = torch.from_numpy(chosen)
+    elif chosen is not None:
+        mask[...] = chosen
+        out["region_mask"] = torch.from_numpy(mask)
+    else:
+        out["region_mask"] = torch.from_numpy(_pad_into(np.empty((B, N), bool) if mask is None else mask,
+                                                        [s["region_mask"] for s in samples], region_lens, False))
+    small = {}
+    for k, values in (("text_lens", text_lens), ("region_lens", region_lens),
+                      ("itm_labels", [s["itm_label"] for s in samples]), ("pairs", [s["pair"] for s in samples]),
+                      ("images", [s["image"] for s in samples])):
+        dst = take(k, (B,), np.int64)
+        if dst is None:
+            small[k] = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values)
+        else:
+            dst[...] = values
+            small[k] = torch.from_numpy(dst)
     lens = text_lens + region_lens
     tokens = int(lens.sum())
-    return {
-        "input_ids": _pad_rows([s["input_ids"] for s in samples], text_lens, L, 0, np.int64),
-        "mlm_labels": _pad_rows([s["mlm_labels"] for s in samples], text_lens, L, IGNORE, np.int64),
-        **regions,
-        "region_mask": _pad_rows([s["region_mask"] for s in samples], region_lens, N, False, bool),
-        "task": first["task"], "text_lens": torch.from_numpy(text_lens), "region_lens": torch.from_numpy(region_lens),
-        "itm_labels": torch.tensor([s["itm_label"] for s in samples]),
-        "pairs": torch.tensor([s["pair"] for s in samples]), "images": torch.tensor([s["image"] for s in samples]),
+    batch = {
+        "input_ids": out["input_ids"], "mlm_labels": out["mlm_labels"], **regions, "region_mask": out["region_mask"],
+        "task": first["task"], "text_lens": small["text_lens"], "region_lens": small["region_lens"],
+        "itm_labels": small["itm_labels"], "pairs": small["pairs"], "images": small["images"],
         "ids": [s.get("id") for s in samples],
         "num_tokens": tokens, "pad_fraction": 1 - tokens / (B * int(lens.max())),
     }
+    return arena.pack(batch) if arena is not None else batch
+
+
+def batch_bytes(B: int, N: int, L: int, widths: dict) -> int:
+    """The bytes of one batch's tensors in an arena: regions (B, N, width) per field, the region mask, the
+    text and its labels (B, L), five (B,) int64 vectors; each rounded up to the arena's alignment."""
+    sizes = [B * N * w * np.dtype(dt).itemsize for w, dt in widths.values()] + [B * N] + [B * L * 8] * 2 + [B * 8] * 5
+    return sum(-(-s // _ALIGN) * _ALIGN for s in sizes)
+
+
+_ALIGN = 64  # bytes: every tensor of an arena starts on a cache line
+
+
+class Arena:
+    """One batch's tensors carved out of one flat shared buffer, one after the other (64-byte aligned)."""
+
+    def __init__(self, ring: WorkerRing, slot: int, storage: torch.UntypedStorage, send: bool):
+        self.ring, self.slot, self.storage, self.send = ring, slot, storage, send
+        self.flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+        self.used = 0
+
+    def take(self, shape: tuple, dtype) -> torch.Tensor:
+        """An uninitialised tensor of shape and (numpy) dtype in the buffer."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        start, self.used = self.used, self.used + -(-nbytes // _ALIGN) * _ALIGN
+        if self.used > self.flat.numel():
+            raise RuntimeError(f"batch buffer of {self.flat.numel()} bytes is too small (batch_bytes is wrong)")
+        return self.flat[start:start + nbytes].view(TORCH_DTYPES[dtype]).view(shape)
+
+    def pack(self, batch: dict) -> dict:
+        """The batch as it goes to the main process: each of its tensors as (byte offset, dtype, shape) in
+        the buffer, which is sent along only the first time (the main process keeps it mapped)."""
+        layout, out = {}, {}
+        base = self.flat.data_ptr()
+        for k, v in batch.items():
+            if torch.is_tensor(v) and v.untyped_storage().data_ptr() == base:
+                layout[k] = (v.data_ptr() - base, v.dtype, tuple(v.shape))
+            else:
+                out[k] = v
+        out["_wire"] = (os.getpid(), self.slot, self.storage if self.send else None,
+                        self.ring.busy if not self.ring.busy_sent else None, layout, list(batch))
+        self.ring.busy_sent = True
+        return out
+
+
+class WorkerRing:
+    """A loader worker's shared batch buffers, reused from batch to batch (issue 23).
+
+    A fresh shared buffer per batch cost the worker ~72% of its time (creating the memory and faulting
+    in every page of it: 49 ms of CPU for 50 MB, against 4.3 ms for a reused one) and the main process
+    ~70 us per sample to map and unmap it. Here each worker keeps up to `slots` buffers, one per batch
+    in flight; a buffer goes to the main process once (torch passes its file descriptor) and after
+    that only the place of each tensor in it does. `busy` is a small shared array: the worker marks a
+    slot busy when it fills it; the main process (Loader) marks it free once nothing there refers to
+    the batch any more. A buffer too small for a batch is replaced by one half as large again as the
+    batch (batches are bounded by the token budget, so this stops). With every slot still held (the
+    main process keeping more batches alive than slots), a batch gets a buffer of its own, as before."""
+
+    def __init__(self, slots: int):
+        self.max_slots = max(1, min(slots, 255))
+        self.busy = torch.zeros(256, dtype=torch.uint8).share_memory_()  # 1: slot k's batch is not consumed
+        self.flags = self.busy.numpy()
+        self.busy_sent = False
+        self.storages: list[torch.UntypedStorage] = []
+        self.allocated = 0  # shared buffers made (a test reads it through the Loader's count)
+
+    def _new(self, nbytes: int) -> torch.UntypedStorage:
+        self.allocated += 1
+        return torch.UntypedStorage._new_shared(nbytes)
+
+    def arena(self, nbytes: int) -> Arena:
+        """A free buffer of at least nbytes, marked busy, for the next batch."""
+        for k in range(len(self.storages)):
+            if not self.flags[k]:
+                send = self.storages[k].nbytes() < nbytes
+                if send:
+                    self.storages[k] = self._new(nbytes + nbytes // 2)
+                self.flags[k] = 1
+                return Arena(self, k, self.storages[k], send)
+        if len(self.storages) < self.max_slots:
+            self.storages.append(self._new(nbytes + nbytes // 2))
+            self.flags[len(self.storages) - 1] = 1
+            return Arena(self, len(self.storages) - 1, self.storages[-1], True)
+        return Arena(self, -1, self._new(nbytes), True)  # every slot held: a buffer for this batch alone
+
+
+_RING: list = [None, None]  # (pid, WorkerRing) of this process
+
+
+def worker_ring(slots: int) -> WorkerRing:
+    """This worker process's ring (a forked worker must not use its parent's)."""
+    if _RING[0] != os.getpid():
+        _RING[:] = [os.getpid(), WorkerRing(slots)]
+    return _RING[1]
+
+
+class Receiver:
+    """The main process's side of the workers' rings: puts each batch's tensors back together as views of
+    the worker's buffer (mapped once, kept here), and marks a slot free once none of its tensors (nor any
+    view of them) is alive: the count of references to the buffer is this object's own. On CUDA each
+    buffer is pinned once where it is mapped (cudaHostRegister), so batches are copied to the device
+    straight from the worker's memory with no pinned copy of each batch."""
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self.buffers: dict[tuple[int, int], torch.UntypedStorage] = {}  # (worker pid, slot) -> its buffer
+        self.busy: dict[int, np.ndarray] = {}  # worker pid -> its busy flags
+        self.held: list[tuple[int, int]] = []  # slots whose batch may still be alive
+        self.received = 0  # buffers received (allocated by workers)
+        self._flags: dict[int, torch.Tensor] = {}
+
+    def __call__(self, batch):
+        if not isinstance(batch, dict) or "_wire" not in batch:
+            return batch
+        pid, slot, storage, busy, layout, order = batch.pop("_wire")
+        if busy is not None:
+            self._flags[pid], self.busy[pid] = busy, busy.numpy()
+        if storage is not None:
+            self.received += 1
+            if slot >= 0:  # a ring buffer, pinned once (a buffer of one batch is not: see _pinned)
+                storage = self._pinned(storage)
+                self._drop((pid, slot))
+                self.buffers[pid, slot] = storage
+        else:
+            storage = self.buffers[pid, slot]
+        self.release()  # before this batch's tensors exist: its own slot is not freed
+        for k, (offset, dtype, shape) in layout.items():
+            batch[k] = torch.empty(0, dtype=dtype).set_(storage, offset // _itemsize(dtype), shape)
+        if slot >= 0:
+            self.held.append((pid, slot))
+        return {k: batch[k] for k in order}  # in the order collate gave
+
+    def release(self) -> None:
+        """Mark free every held slot none of whose tensors is alive any more."""
+        still = []
+        for key in self.held:
+            if torch._C._storage_Use_Count(self.buffers[key]._cdata) <= 1:
+                self.busy[key[0]][key[1]] = 0
+            else:
+                still.append(key)
+        self.held = still
+
+    def _pinned(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        if self.pin and storage.nbytes():
+            if torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0) == 0 \
+                    and torch.empty(0, dtype=torch.uint8).set_(storage).is_pinned():
+                return storage
+            self.pin = False  # not possible here: to_device copies from pageable memory instead
+        return storage
+
+    def _drop(self, key) -> None:
+        old = self.buffers.pop(key, None)  # a slot replaced only once free: nothing refers to it
+        if old is not None and self.pin:
+            torch.cuda.cudart().cudaHostUnregister(old.data_ptr())
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+class Loader(torch.utils.data.DataLoader):
+    """The DataLoader of the trainer: with workers, each batch arrives in a worker's reused shared buffer
+    (WorkerRing) and is put back together here (Receiver); pinned on CUDA with no copy."""
+
+    def __init__(self, *args, pin_buffers: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.receiver = Receiver(pin_buffers)
+
+    def __iter__(self):
+        receive = self.receiver
+        for batch in super().__iter__():
+            yield receive(batch)
 
 
 def to_device(batch: dict, device, dtype: torch.dtype = torch.float32) -> dict:
@@ -311,6 +555,7 @@ class DeviceFeed:
         self.device, self.dtype = torch.device(device), dtype
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.pending = None  # the next batch: on the device (CUDA, copy queued) or on the host (CPU)
+        self.copying: list[tuple[dict, torch.cuda.Event]] = []  # host batches whose copy may still run
 
     def preload(self) -> float:
         """Fetch the next batch and queue its copy; returns the seconds spent waiting for the loader."""
@@ -323,8 +568,14 @@ class DeviceFeed:
             raise _from_worker(e) from None
         waited = time.perf_counter() - t0
         if self.stream is not None:
+            # a host batch is kept until its copy has run: pinned memory (a worker's buffer, reused once
+            # nothing refers to it) must not be handed back while the copy engine still reads it
+            self.copying = [(b, e) for b, e in self.copying if not e.query()]
             with torch.cuda.stream(self.stream):
-                batch = to_device(batch, self.device, self.dtype)
+                host, batch = batch, to_device(batch, self.device, self.dtype)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            self.copying.append((host, done))
         self.pending = batch
         return waited
 

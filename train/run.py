@@ -14,7 +14,7 @@ from regionbert.data import ShardSet
 from .bert import apply_bert_config, bert_tokenizer, load_bert
 from .checkpoint import check_resumable, load_checkpoint, resolve_resume, rng_state, save_run_checkpoint, set_rng_state
 from .config import Config, check, save_config
-from .data import PairDataset, Pairs, TaskSampler, TokenBucketSampler, collate
+from .data import Loader, PairDataset, Pairs, TaskSampler, TokenBucketSampler, collate
 from .distributed import Dist, close_distributed, digests_agree, gather_tensors, init_distributed
 from .evaluate import evaluate_held_out
 from .loop import autocast_for, train
@@ -58,10 +58,15 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
     workers = d.num_workers if num_workers is None else num_workers
     # the loader's own generator: creating its iterator must not draw from the global torch RNG (which
     # drives dropout and is checkpointed), or a resumed run would drift from an uninterrupted one
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                                         pin_memory=torch.cuda.is_available(),
-                                         generator=torch.Generator().manual_seed(cfg.run.seed))
+    # with workers each batch comes in a worker's reused shared buffer (data.WorkerRing), as many per worker
+    # as batches can be in flight (prefetch_factor) and held by the trainer (DeviceFeed: 2) plus slack; on
+    # CUDA those buffers are pinned where the main process maps them (Loader), not copied into pinned memory
+    cuda = torch.cuda.is_available()
+    dataset.ring_slots = 4 + 4
+    loader = Loader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                    persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                    pin_memory=cuda and not workers, pin_buffers=cuda and workers > 0,
+                    generator=torch.Generator().manual_seed(cfg.run.seed))
     return pairs, dataset, buckets, loader
 
 
