@@ -67,7 +67,11 @@ def _fmt(v) -> str:
 
 
 def _table(rows: list[tuple[str, object]]) -> list[str]:
-    return ["| setting | value |", "|---|---|"] + [f"| `{k}` | {_fmt(v)} |" for k, v in rows]
+    """A settings table; an object's members get a row each (`thresholds.nms_thresh`), so each reads alone."""
+    flat = []
+    for k, v in rows:
+        flat += [(f"{k}.{m}", x) for m, x in v.items()] if isinstance(v, dict) and v else [(k, v)]
+    return ["| setting | value |", "|---|---|"] + [f"| `{k}` | {_fmt(v)} |" for k, v in flat]
 
 
 def _names(names: list[str] | None, what: str) -> list[str]:
