@@ -140,7 +140,8 @@ def run_checkpoint(run: str) -> str:
         raise FileNotFoundError(f"{run}: no run folder or checkpoint file here")
     path = os.path.join(run, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise ExportError(f"{path}: not found: the run has saved no checkpoint yet (nothing to export)")
+        raise ExportError(f"{path}: not found: the run has saved no checkpoint yet (and {run} is no exported model "
+                          f"folder either: no {WEIGHTS})")
     return path
 
 
@@ -260,8 +261,9 @@ def _class_names(config: dict) -> list | None:
 # ---- load -----------------------------------------------------------------------------------------------------
 
 def is_exported(folder: str) -> bool:
-    return os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "config.json")) and not os.path.isfile(
-        os.path.join(folder, "checkpoint.pt"))
+    """A model folder (config.json and weights), not a run folder (whose config.json is the run's)."""
+    has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    return os.path.isdir(folder) and has("config.json") and (has(WEIGHTS) or has(PICKLE)) and not has("checkpoint.pt")
 
 
 def read_hf_config(folder: str) -> dict:
