@@ -304,3 +304,27 @@ def test_training_config_and_tokenizer_travel_with_the_folder(exported):
     assert tc["tokenizer_class"] == "BertTokenizer" and tc["do_lower_case"] is True and tc["model_max_length"] == 24
     assert np.array_equal(Text(os.path.join(exported["out"], "vocab.txt"), 24).encode(["a photo of a dog"])[0],
                           Text(exported["data"]["tokenizer"], 24).encode(["a photo of a dog"])[0])
+
+
+def test_save_pretrained_round_trips_and_a_tokenizer_json_run_exports(exported, tmp_path):
+    """What a transformers user does next: save_pretrained gives a folder both loaders read back to the same
+    weights; a run trained with a tokenizer.json exports it, and AutoTokenizer gives the trainer's ids."""
+    transformers = pytest.importorskip("transformers", minversion="5.0")
+    if exported["variant"] != "uniter":
+        pytest.skip("one variant is enough")
+    hf = transformers.AutoModelForPreTraining.from_pretrained(exported["out"], trust_remote_code=True)
+    hf.save_pretrained(str(tmp_path / "saved"))
+    again = transformers.AutoModelForPreTraining.from_pretrained(str(tmp_path / "saved"), trust_remote_code=True)
+    assert all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), again.state_dict().values(), strict=True))
+    ours, saved = load_exported(exported["out"]), load_exported(str(tmp_path / "saved"))
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in ours.state_dict().items())
+    from tokenizers import BertWordPieceTokenizer
+
+    tj = str(tmp_path / "tokenizer.json")
+    BertWordPieceTokenizer(exported["data"]["tokenizer"], lowercase=True).save(tj)
+    out = str(tmp_path / "m")
+    assert main(["export", exported["run"], "-o", out, "--tokenizer", tj]) == 0
+    assert "tokenizer.json" in os.listdir(out) and "vocab.txt" not in os.listdir(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    caption = ["a photo of a dog and a cat"]
+    assert tok(caption).input_ids[0] == Text(tj, 24).encode(caption)[0].tolist()
