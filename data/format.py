@@ -350,6 +350,29 @@ def header_num_boxes(key: bytes, value) -> int:
 # ---- the box-count table (format 1.1): meta/BOX_COUNTS + chunk number --------------------------------
 
 
+def header_counts(path: str, txn, records, order, n: int) -> np.ndarray:
+    """The box counts of the first n order positions from their records' headers (header_num_boxes: one page
+    of each record, not its features), as uint32: for a format 1.0 shard, which has no table. ShardError
+    naming the shard and the record for a missing record or a header that is not a record's."""
+    counts = np.empty(n, dtype=np.uint32)
+    i = -1
+    for i, (_, key) in enumerate(txn.cursor(db=order)):
+        if i == n:
+            break
+        key = bytes(key)
+        value = txn.get(key, db=records) if 0 < len(key) <= MAX_KEY_BYTES else None
+        if value is None:
+            raise ShardError(f"{path}: order table entry {i} names {key!r}, which has no record; the shard is "
+                             "damaged (`regionbert-shards verify`)")
+        try:
+            counts[i] = header_num_boxes(key, value)
+        except CorruptRecordError as e:
+            raise e.at(path) from None
+    if n and i < n - 1:
+        raise ShardError(f"{path}: order table holds {i + 1} entries, {n} expected; the shard is damaged")
+    return counts
+
+
 def box_chunk_key(k: int) -> bytes:
     return BOX_COUNTS + struct.pack(">I", k)
 
@@ -357,6 +380,13 @@ def box_chunk_key(k: int) -> bytes:
 def encode_box_counts(counts) -> bytes:
     """Little-endian uint32 counts (a chunk's value)."""
     return np.asarray(counts, dtype=np.int64).astype(_BOX_DTYPE).tobytes()
+
+
+def encode_box_table(counts) -> list[tuple[bytes, bytes]]:
+    """A whole table as (meta key, value) pairs, chunk 0 first."""
+    data = encode_box_counts(counts)
+    step = BOX_CHUNK * _BOX_DTYPE.itemsize
+    return [(box_chunk_key(k), data[off:off + step]) for k, off in enumerate(range(0, len(data), step))]
 
 
 def box_table_chunks(path: str, txn, meta_db) -> list:

@@ -19,14 +19,21 @@ from .format import (
     DB_META,
     DB_ORDER,
     DB_RECORDS,
+    META_SHARD,
     META_STATE,
+    SCHEMA_MINOR,
+    box_table_chunks,
     comparable_settings,
     content_hash_of,
     content_hasher,
+    declares_box_table,
+    decode_box_table,
     decode_record,
     decode_state,
+    encode_box_table,
     encode_json,
     hash_entry,
+    header_counts,
     now_iso,
     order_key,
     peek_num_boxes,
@@ -167,16 +174,42 @@ def compact_copy(src: str, dst: str) -> str:
                              "the source is untouched and the partial copy removed") from None
         finally:
             os.close(fd)
-        expected, got = content_hash(src), _copy_hash(tmp, h.meta)
+        try:
+            expected, got = content_hash(src), _copy_hash(tmp, h.meta, src)
+        except ShardError:  # (a forged box-count table): nothing half-published left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if got != expected:
             raise ShardError(f"{tmp}: copy's content hash {got} differs from the source's {expected}")
         os.replace(tmp, dst)
     return got
 
 
-def _copy_hash(path: str, meta: dict) -> str:
+def _copy_box_table(txn, records, order, meta_db, meta: dict, path: str, src: str) -> None:
+    """The copy's box-count table, checked against its records' headers (one page each, just written, so
+    cached): a table that does not match is not published (ShardError naming the source); a format 1.0
+    shard's copy gets the table and schema_minor 1."""
+    count = txn.stat(order)["entries"]
+    headers = header_counts(path, txn, records, order, count)
+    chunks = box_table_chunks(path, txn, meta_db)
+    if chunks or declares_box_table(meta):
+        table = decode_box_table(src, chunks, count) if chunks or count else headers
+        wrong = np.flatnonzero(table != headers)
+        if len(wrong):
+            raise ShardError(f"{src}: box-count table says {int(table[wrong[0]])} boxes at position {int(wrong[0])}, "
+                             f"the record holds {int(headers[wrong[0]])} ({len(wrong)} position(s) wrong); the table "
+                             "is damaged or forged (`regionbert-shards verify`): not published")
+        return
+    for key, value in encode_box_table(headers):
+        txn.put(key, value, db=meta_db)
+    txn.put(META_SHARD, encode_json({**meta, "schema_minor": SCHEMA_MINOR}), db=meta_db)
+
+
+def _copy_hash(path: str, meta: dict, src: str) -> str:
     """The content hash of a fresh copy (not yet read by anyone, so opened here for writing without LMDB's
-    lock file), stored into its state if missing there."""
+    lock file), stored into its state if missing there. A copy of a format 1.0 shard gets the box-count table
+    (docs/shard-format.md section 1), from its records' headers, and schema_minor 1: publishing is the
+    upgrade (the content hash does not change)."""
     env = lmdb.open(path, subdir=True, max_dbs=3, lock=False)
     try:
         records, order, meta_db = (env.open_db(n, create=False) for n in (DB_RECORDS, DB_ORDER, DB_META))
@@ -185,6 +218,7 @@ def _copy_hash(path: str, meta: dict) -> str:
             state = decode_state(path, txn.get(META_STATE, db=meta_db))
             if state.get("content_hash") != digest:
                 txn.put(META_STATE, encode_json({**state, "content_hash": digest}), db=meta_db)
+            _copy_box_table(txn, records, order, meta_db, meta, path, src)
         env.sync(True)
     finally:
         env.close()

@@ -29,7 +29,7 @@ from .format import (
     decode_box_table,
     decode_record,
     encode_key,
-    header_num_boxes,
+    header_counts,
     min_box_bytes,
     order_key,
     settings_diff,
@@ -141,25 +141,9 @@ class ShardReader(Sequence):
             else:
                 if n:
                     _warn_no_table(self.path, n)
-                counts = self._header_counts(txn, records, order, n)
+                counts = header_counts(self.path, txn, records, order, n)
         self._check_fits(counts)
         counts.flags.writeable = False  # shared by everyone who asks (and by forked workers)
-        return counts
-
-    def _header_counts(self, txn, records, order, n: int) -> np.ndarray:
-        counts = np.empty(n, dtype=np.uint32)
-        for i, (_, key) in enumerate(txn.cursor(db=order)):
-            if i == n:
-                break
-            key = bytes(key)
-            value = txn.get(key, db=records) if 0 < len(key) <= MAX_KEY_BYTES else None
-            if value is None:
-                raise ShardError(f"{self.path}: order table entry {i} names {_show(key)}, which has no record; "
-                                 "the shard is damaged")
-            try:
-                counts[i] = header_num_boxes(key, value)
-            except CorruptRecordError as e:
-                raise e.at(self.path) from None
         return counts
 
     def _check_fits(self, counts: np.ndarray) -> None:
@@ -230,8 +214,9 @@ def _warn_no_table(path: str, n: int) -> None:
         return
     _WARNED.add(path)
     warnings.warn(f"{path}: shard has no box-count table (written before format 1.1); counting the boxes of its "
-                  f"{n} records from their headers, one page each. Resuming or appending with this regionbert "
-                  "adds the table (`regionbert-shards copy` keeps the shard as it is)", stacklevel=4)
+                  f"{n} records from their headers, one page each (one random read per record on a cold disk). "
+                  "`regionbert-shards copy` writes a copy with the table; resuming or appending also adds it",
+                  stacklevel=4)
 
 
 @contextmanager

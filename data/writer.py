@@ -8,7 +8,7 @@ import lmdb
 import numpy as np
 
 from .checks import refuse_bad_record
-from .errors import CorruptRecordError, ShardError, ShardMismatchError
+from .errors import ShardError, ShardMismatchError
 from .format import (  # noqa: F401 - DB_*, META_*, order_key, comparable_settings: also imported from here
     BOX_CHUNK,
     DB_META,
@@ -30,6 +30,7 @@ from .format import (  # noqa: F401 - DB_*, META_*, order_key, comparable_settin
     encode_json,
     encode_key,
     encode_record,
+    header_counts,
     header_num_boxes,
     make_meta,
     now_iso,
@@ -283,20 +284,8 @@ class ShardWriter:
 
     def _header_counts(self) -> list[int]:
         """The box counts of the committed records, in order, from their headers (a format 1.0 shard)."""
-        counts = []
         with self._env.begin(buffers=True) as txn:
-            for i, (_, key) in enumerate(txn.cursor(db=self._order)):
-                value = txn.get(bytes(key), db=self._records)
-                if value is None:
-                    raise ShardError(f"{self.path}: order table entry {i} names {bytes(key)!r}, which has no "
-                                     "record; the shard is damaged (`regionbert-shards verify`)")
-                try:
-                    counts.append(header_num_boxes(bytes(key), value))
-                except CorruptRecordError as e:
-                    raise e.at(self.path) from None
-        if len(counts) != self.count:
-            raise ShardError(f"{self.path}: order table holds {len(counts)} entries, {self.count} expected")
-        return counts
+            return header_counts(self.path, txn, self._records, self._order, self.count).tolist()
 
     def _write_state(self, complete: bool, meta: dict | None = None, counts: list[int] | None = None) -> None:
         while True:

@@ -206,6 +206,31 @@ def test_copy_and_import_keep_the_table(tmp_path):
         assert verify_shard(p).ok, p
 
 
+def test_copy_publishes_an_old_shard_with_its_table_and_refuses_a_forged_one(tmp_path):
+    ref = _synth(tmp_path / "ref", 40, min_boxes=1)
+    old = _synth(tmp_path / "old", 40, min_boxes=1)
+    _strip_table(old)
+    assert shards_main(["copy", old, str(tmp_path / "pub")]) == 0  # publishing is the upgrade
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pub = ShardReader(tmp_path / "pub")
+        assert np.array_equal(pub.box_counts(), ShardReader(ref).box_counts())
+    assert pub.meta["schema_minor"] == 1 and verify_shard(str(tmp_path / "pub")).ok
+    assert pub.state["content_hash"] == ShardReader(ref).state["content_hash"]  # the same content
+
+    forged = _synth(tmp_path / "forged", 40, min_boxes=1)
+    c = np.frombuffer(_raw_table(forged)[box_chunk_key(0)], "<u4").astype(np.int64)
+    c[[5, 6]] = c[[6, 5]] if c[5] != c[6] else (c[5] + 1, c[6] - 1)
+    _set_table(forged, c)
+    dst = str(tmp_path / "pub2")
+    with pytest.raises(ShardError) as e:
+        from regionbert.data.index import compact_copy
+        compact_copy(forged, dst)
+    assert str(e.value).startswith(f"{forged}: box-count table says {c[5]} boxes at position 5")
+    assert not os.path.exists(dst) and not os.path.exists(dst + ".partial")  # nothing published
+    assert shards_main(["copy", forged, dst]) == 2
+
+
 # ---- format 1.0 shards: counted from their headers, once warned ----------------------------------------
 
 
