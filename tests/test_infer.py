@@ -127,7 +127,10 @@ def test_score_command_writes_one_score_per_caption_row(exported, tmp_path, caps
     assert main(["score", exported["run"], "--shards", d["shards"], "--captions", d["captions"], "--split", "val",
                  "-o", val]) == 0
     is_val = (manifest["split"] == "val").to_numpy()
-    assert [r["score"] for r in _rows(val)] == [r["score"] for r, v in zip(rows, is_val, strict=True) if v]
+    val_rows = _rows(val)
+    assert [r["caption"] for r in val_rows] == manifest["caption"][is_val].tolist()
+    # other batches (another batch size, other rows): equal within rounding, not to the bit
+    assert np.allclose([float(r["score"]) for r in val_rows], got[is_val], rtol=1e-5, atol=TOL)
 
 
 def test_score_command_refuses_bad_input_with_exit_2_naming_it(exported, tmp_path, capsys):
