@@ -12,5 +12,8 @@
     evaluate.py     held-out accuracy (MLM, MRC, ITM) and zero-shot retrieval R@1/5/10 by the ITM head
     metrics.py      console, log.jsonl, TensorBoard; plot.py draws RUN/curves.png
     config.py       the run's config; run.py builds and runs a run from it; cli.py is `regionbert-pretrain`
+    export.py       a run as a Hugging Face model folder (`regionbert-pretrain export`), and load_exported
+    hf/             the folder's own model code for transformers (torch + transformers only, no regionbert)
+    infer.py        Model.load(folder or run).encode(records, captions): ITM scores and hidden states; `score`
 
 It reads shards through regionbert.data and never imports the detector (tests/test_layout.py)."""
