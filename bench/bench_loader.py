@@ -1,24 +1,32 @@
-"""The trainer's data path on one core, against the floor of just reading and copying the same records.
+"""The trainer's data path as it runs: in-process and with 1 and 2 loader workers, before and after, against
+the floor of just reading and copying the same records; and the padded tokens of each task's batches.
 
-    python bench/bench_loader.py                  # 2000 images of 10-100 boxes, 2048-d float16; 100 batches
+    python bench/bench_loader.py                      # 2000 images of 10-100 boxes, 2048-d float16; a few minutes
+    python bench/bench_loader.py --before a08b430     # the code to compare with (a commit of this repository)
 
-One process, one thread (torch.set_num_threads(1), num_workers=0), the default task mix and token
-budget, on synthetic shards shaped like extractor output (regionbert.data.synth: 2048-d float16
-features, 91 float16 class probabilities, 10-100 boxes) with two captions per image.
+Synthetic shards shaped like extractor output (regionbert.data.synth via tests/train_synth.py: 2048-d
+float16 features, 91 float16 class probabilities, 10-100 boxes), two captions per image, the default
+task mix and token budget. Each measurement runs in a subprocess of its own, `now` (this working tree)
+and `before` (`git archive` of --before, on PYTHONPATH) alternating, --reps times, so both see the same
+machine; figures are medians with the range over the repetitions.
 
-- loader: `build_data(cfg)` -> its DataLoader, batches exactly as the trainer receives them (on CPU;
-  nothing moved to a device), for the first --batches batches of the task sampler's stream.
-- before: the data path before issue 13 (tests/legacy_loader.py: float32 on the host, masking and
-  padding one sample at a time) in a DataLoader over the same batches of keys.
-- floor: the same records of the same batches (ITM negatives included), read through the same
-  ShardSet with checksums on, their features, locations and class probabilities copied into a
-  preallocated batch buffer of the shard's dtypes (float16 features and class probabilities, float32
-  locations). No masking, no tokens, no tensors: what any loader must do at the least.
+- in-process: `build_data(cfg, num_workers=0)`'s loader, batches exactly as the trainer receives them
+  (on the CPU; nothing moved to a device), --batches batches after --warm untimed ones.
+- 1 / 2 workers: the same loader with `num_workers` 1 and 2 (persistent workers, prefetch 4, as
+  `build_data` makes it). CPU time is summed over all processes: the main process's (time.process_time)
+  and each worker's (/proc/PID/stat), between two points of one iterator in its steady state (each
+  worker then as far ahead as the prefetch lets it), so every process's CPU counts and nothing else.
+  `main us/sample` is what the training process itself spends: the rest of the node's cores feed it.
+- floor: the same records of the same batches (ITM negatives included), read through the same ShardSet
+  with checksums on, features, locations and class probabilities copied into a preallocated buffer of the
+  shard's dtypes. No masking, no tokens, no tensors: what any loader must do at the least. Timed in
+  every `now` subprocess beside its in-process pass.
+- padding: over --padding-batches batches of each version's own task sampler (keys only, nothing read):
+  per task, the padded tokens of a batch (samples x longest text + regions, ITM negatives' regions
+  included) against the token budget, the batches above it, and the padding share.
 
-Passes alternate (loader, before, floor, loader, ...) so all see the same machine; the best pass of
-each counts. Prints samples/s for each, and the ratios loader / floor and loader / before; --json
-writes them. samples/s is by wall time; `per cpu-s` divides by the process's CPU time instead, which a
-busy machine disturbs less (cpu/wall below 100% means the pass was descheduled).
+CPU time, not wall time, is the measure: the machine is shared, and CPU time is what the node's cores
+pay. --json writes everything.
 """
 
 from __future__ import annotations
@@ -29,22 +37,22 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the synthetic caption writer the tests use
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the synthetic caption writer the tests use
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from legacy_loader import LegacyDataset, legacy_collate  # noqa: E402
-from train_synth import write_dataset  # noqa: E402
 
-from regionbert.train.config import load_config  # noqa: E402
-from regionbert.train.run import build_data  # noqa: E402
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def make_data(out: str, images: int, dim: int) -> dict:
+    from train_synth import write_dataset
     folder = os.path.join(out, f"data-{images}-{dim}")
     if not os.path.exists(os.path.join(folder, "captions.csv")):
         shutil.rmtree(folder, ignore_errors=True)
@@ -55,12 +63,33 @@ def make_data(out: str, images: int, dim: int) -> dict:
             "tokenizer": os.path.join(folder, "vocab.txt")}
 
 
-def loader_pass(loader, batches: int) -> int:
-    """Samples in the first `batches` batches the loader yields (a fresh iterator: the same stream)."""
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def samples_of(batch) -> int:
+    return len(batch["text_lens"])
+
+
+def worker_pass(loader, warm: int, batches: int) -> dict:
+    """One iterator: warm batches untimed (workers start, buffers fill), then `batches` timed."""
+    it = iter(loader)
+    for batch in itertools.islice(it, warm):
+        del batch
+    inner = loader._iterator  # the DataLoader's own iterator: its worker processes
+    pids = [w.pid for w in getattr(inner, "_workers", [])]
+    c0, w0, t0 = time.process_time(), [proc_cpu(p) for p in pids], time.perf_counter()
     n = 0
-    for batch in itertools.islice(iter(loader), batches):
-        n += len(batch["text_lens"])
-    return n
+    for batch in itertools.islice(it, batches):
+        n += samples_of(batch)
+        del batch
+    c1, w1, t1 = time.process_time(), [proc_cpu(p) for p in pids], time.perf_counter()
+    receiver = getattr(loader, "receiver", None)  # shared buffers the workers made (a ring each), if any
+    return {"samples": n, "main_cpu": c1 - c0, "worker_cpu": sum(w1) - sum(w0), "wall": t1 - t0,
+            "buffers_received": receiver.received if receiver else None}
 
 
 def floor_pass(dataset, keys: list[list[tuple]], bufs) -> int:
@@ -79,10 +108,94 @@ def floor_pass(dataset, keys: list[list[tuple]], bufs) -> int:
     return n
 
 
-def timed(fn) -> tuple[int, float, float]:
-    c, t = time.process_time(), time.perf_counter()
-    n = fn()
-    return n, time.perf_counter() - t, time.process_time() - c
+def padding(pairs, sampler, budget: int, batches: int) -> dict:
+    """Per task: padded tokens per batch against the budget, batches above it, padding share."""
+    text = np.asarray(pairs.lengths) - pairs.num_boxes[pairs.image]
+    per = {}
+    for keys in itertools.islice(iter(sampler), batches):
+        p = np.array([k[1] for k in keys])
+        o = np.array([k[2] for k in keys])
+        lens = text[p] + pairs.num_boxes[np.where(o < 0, pairs.image[p], o)]
+        padded = len(keys) * int(lens.max())
+        s = per.setdefault(keys[0][0], {"batches": 0, "padded": [], "real": 0, "over": 0})
+        s["batches"] += 1
+        s["padded"].append(padded)
+        s["real"] += int(lens.sum())
+        s["over"] += int(padded > budget and len(keys) > 1)
+    out = {}
+    for task, s in per.items():
+        padded = np.array(s["padded"])
+        out[task] = {"batches": s["batches"], "mean_over_budget": float(padded.mean() / budget),
+                     "max_over_budget": float(padded.max() / budget), "batches_over": s["over"],
+                     "padding": 1 - s["real"] / int(padded.sum()), "real": s["real"], "padded": int(padded.sum())}
+    real, padded = sum(v["real"] for v in out.values()), sum(v["padded"] for v in out.values())
+    out["all"] = {"batches": sum(v["batches"] for v in out.values()), "padding": 1 - real / padded,
+                  "max_over_budget": max(v["max_over_budget"] for v in out.values()),
+                  "batches_over": sum(v["batches_over"] for v in out.values())}
+    return out
+
+
+def measure(args) -> dict:
+    """In one subprocess (of one version of the code): padding, in-process (+ floor), 1 and 2 workers."""
+    import torch
+
+    from regionbert.train.config import load_config
+    from regionbert.train.run import build_data
+    torch.set_num_threads(1)
+    paths = json.loads(args.measure)
+    cfg = load_config(None, [f"data.{k}={v}" for k, v in paths.items()] + [
+        "data.split=null", "data.num_workers=0", "run.device=cpu"])  # default token budget and task mix
+    out = {}
+    pairs, dataset, _, loader = build_data(cfg, None, num_workers=0)
+    if args.padding_batches:
+        out["padding"] = padding(pairs, loader.batch_sampler, cfg.data.token_budget, args.padding_batches)
+    keys = list(itertools.islice(iter(loader.batch_sampler), args.warm + args.batches))[args.warm:]
+    biggest = max(len(b) for b in keys)
+    C = len(dataset.shards.meta["class_names"])
+    dim = dataset.shards.meta["feature_dim"]
+    bufs = (np.zeros((biggest, cfg.data.max_regions, dim), np.float16),
+            np.zeros((biggest, cfg.data.max_regions, 7), np.float32),
+            np.zeros((biggest, cfg.data.max_regions, C), np.float16))
+    floor_pass(dataset, keys, bufs)  # the page cache and the allocator warm
+    for _ in range(2):  # in-process and floor alternate; the better of two passes each
+        c = time.process_time()
+        n = floor_pass(dataset, keys, bufs)
+        cpu = time.process_time() - c
+        if "floor" not in out or cpu < out["floor"]["main_cpu"]:
+            out["floor"] = {"samples": n, "main_cpu": cpu, "worker_cpu": 0.0, "wall": cpu}
+        r = worker_pass(loader, args.warm, args.batches)
+        if "in-process" not in out or r["main_cpu"] < out["in-process"]["main_cpu"]:
+            out["in-process"] = r
+    for workers in (1, 2):
+        _, _, _, loader = build_data(cfg, None, num_workers=workers)
+        out[f"{workers} worker{'s' if workers > 1 else ''}"] = worker_pass(loader, args.warm, args.batches)
+        del loader
+    out["tasks"] = {t: sum(b[0][0] == t for b in keys) for t in cfg.tasks.mix}
+    out["samples_per_pass"] = sum(map(len, keys))
+    out["token_budget"] = cfg.data.token_budget
+    return out
+
+
+def checkout(commit: str, into: str) -> str:
+    """The package folders of a commit of this repository, importable as regionbert (for PYTHONPATH)."""
+    src = os.path.join(into, "src")
+    os.makedirs(src)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "data", "extract", "train"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    pkg = os.path.join(into, "pkg", "regionbert")
+    os.makedirs(pkg)
+    open(os.path.join(pkg, "__init__.py"), "w").close()
+    for name in ("data", "extract", "train"):
+        os.symlink(os.path.join(src, name), os.path.join(pkg, name))
+    return os.path.join(into, "pkg")
+
+
+def spread(values: list[float], fmt: str) -> str:
+    v = sorted(values)
+    if len(v) == 1:
+        return format(v[0], fmt)
+    return f"{format(v[len(v) // 2], fmt)} ({format(v[0], fmt)}-{format(v[-1], fmt)})"
 
 
 def main() -> int:
@@ -90,56 +203,83 @@ def main() -> int:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--batches", type=int, default=100, help="batches per timed pass")
-    p.add_argument("--passes", type=int, default=3, help="timed passes of each (after one untimed pass each)")
+    p.add_argument("--warm", type=int, default=120, help="untimed batches before each timed pass (each process "
+                   "then has checked the record rules of (nearly) every image once, as after a first epoch)")
+    p.add_argument("--reps", type=int, default=3, help="subprocesses per version")
+    p.add_argument("--before", default="a08b430", help="commit to compare with ('' for none)")
+    p.add_argument("--padding-batches", type=int, default=2000)
     p.add_argument("--out", default=os.path.join(HERE, "out", "loader"))
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--skip-before", action="store_true", help="do not time the pre-issue-13 data path")
+    p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one subprocess's measurements
     args = p.parse_args()
-    torch.set_num_threads(1)
+    if args.measure:
+        json.dump(measure(args), sys.stdout)
+        return 0
     paths = make_data(args.out, args.images, args.dim)
-    cfg = load_config(None, [f"data.{k}={v}" for k, v in paths.items()] + [
-        "data.split=null", "data.num_workers=0", "run.device=cpu"])  # default token budget and task mix
-    pairs, dataset, _, loader = build_data(cfg, None, num_workers=0)
-    keys = list(itertools.islice(iter(loader.batch_sampler), args.batches))  # the loader's own stream
-    biggest = max(len(b) for b in keys)
-    C = len(dataset.shards.meta["class_names"])
-    bufs = (np.zeros((biggest, cfg.data.max_regions, args.dim), np.float16),
-            np.zeros((biggest, cfg.data.max_regions, 7), np.float32),
-            np.zeros((biggest, cfg.data.max_regions, C), np.float16))
-    tasks = {t: sum(b[0][0] == t for b in keys) for t in cfg.tasks.mix}
-    print(f"{len(pairs)} captions of {pairs.num_images} images; {args.batches} batches of the default mix "
-          f"({', '.join(f'{t} {n}' for t, n in tasks.items() if n)}), token budget {cfg.data.token_budget}, "
-          f"{sum(map(len, keys))} samples per pass", flush=True)
-    before = torch.utils.data.DataLoader(LegacyDataset(dataset), batch_sampler=loader.batch_sampler,
-                                         collate_fn=legacy_collate, num_workers=0)
-    runs = {"loader": lambda: loader_pass(loader, args.batches), "before": lambda: loader_pass(before, args.batches),
-            "floor": lambda: floor_pass(dataset, keys, bufs)}
-    if args.skip_before:
-        del runs["before"]
-    for fn in runs.values():  # warm the page cache and the allocator
-        fn()
-    best = {name: None for name in runs}
-    for _ in range(args.passes):
-        for name, fn in runs.items():
-            n, wall, cpu = timed(fn)
-            if best[name] is None or wall < best[name][1]:
-                best[name] = (n, wall, cpu)
-    results = {"images": pairs.num_images, "captions": len(pairs), "feature_dim": args.dim,
-               "token_budget": cfg.data.token_budget, "batches": args.batches, "passes": args.passes,
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                          f"torch {torch.__version__}, numpy {np.__version__}"}
-    for name, (n, wall, cpu) in best.items():
-        results[f"{name}_samples_per_s"] = n / wall
-        results[f"{name}_samples_per_cpu_s"] = n / cpu
-        results[f"{name}_cpu_over_wall"] = cpu / wall
-        print(f"{name:6s}: {n / wall:8,.0f} samples/s  ({1e6 * wall / n:6.1f} us/sample; {n / cpu:8,.0f} per cpu-s, "
-              f"cpu/wall {100 * cpu / wall:.0f}%)")
-    results["ratio"] = results["loader_samples_per_s"] / results["floor_samples_per_s"]
-    results["ratio_cpu"] = results["loader_samples_per_cpu_s"] / results["floor_samples_per_cpu_s"]
-    print(f"loader / floor: {results['ratio']:.2f} (by cpu time {results['ratio_cpu']:.2f})")
-    if "before" in best:
-        results["speedup"] = results["loader_samples_per_s"] / results["before_samples_per_s"]
-        print(f"loader / before: {results['speedup']:.1f}x")
+    versions = {"now": None}
+    tmp = tempfile.mkdtemp(prefix="bench-loader-")
+    try:
+        if args.before:
+            versions["before"] = checkout(args.before, tmp)
+        runs = {v: [] for v in versions}
+        for rep in range(args.reps):
+            for version, path in versions.items():
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+                if path:
+                    env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
+                cmd = [sys.executable, os.path.abspath(__file__), "--measure", json.dumps(paths),
+                       "--batches", str(args.batches), "--warm", str(args.warm),
+                       "--padding-batches", str(args.padding_batches if rep == 0 else 0)]
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+                if r.returncode:
+                    sys.stderr.write(r.stderr[-3000:])
+                    return 1
+                runs[version].append(json.loads(r.stdout))
+                print(f"rep {rep + 1}/{args.reps} {version}: done", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    first = runs["now"][0]
+    print(f"\n{args.images} images ({args.dim}-d), default mix and token budget {first['token_budget']}; "
+          f"{args.batches} batches per timed pass ({first['samples_per_pass']:,} samples now), "
+          f"{args.reps} subprocesses per version; median (range)\n")
+    results = {"images": args.images, "feature_dim": args.dim, "batches": args.batches, "reps": args.reps,
+               "before": args.before, "runs": runs,
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+    print("| path | version | samples per CPU-s (all processes) | main us/sample | workers us/sample "
+          "| total CPU vs in-process (same run) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for path in ("floor", "in-process", "1 worker", "2 workers"):
+        for version in versions:
+            rs = [r[path] for r in runs[version] if path in r]
+            if not rs:
+                continue
+            rate = [r["samples"] / (r["main_cpu"] + r["worker_cpu"]) for r in rs]
+            main_us = [1e6 * r["main_cpu"] / r["samples"] for r in rs]
+            work_us = [1e6 * r["worker_cpu"] / r["samples"] for r in rs]
+            vs = [(r[path]["main_cpu"] + r[path]["worker_cpu"]) / r[path]["samples"]
+                  / (r["in-process"]["main_cpu"] / r["in-process"]["samples"]) for r in runs[version]]
+            results[f"{version} {path}"] = {"samples_per_cpu_s": rate, "main_us": main_us, "workers_us": work_us,
+                                            "cpu_vs_in_process": vs}
+            print(f"| {path} | {version} | {spread(rate, ',.0f')} | {spread(main_us, '.1f')} | "
+                  f"{spread(work_us, '.1f') if path.endswith(('worker', 'workers')) else '-'} | "
+                  f"{spread(vs, '.2f') if path != 'floor' else '-'} |")
+    for version in versions:
+        ratio = [(r["floor"]["main_cpu"] / r["floor"]["samples"]) / (r["in-process"]["main_cpu"]
+                                                                    / r["in-process"]["samples"])
+                 for r in runs[version]]
+        results[f"{version} in-process vs floor"] = ratio
+        print(f"\nin-process / floor ({version}, samples per CPU-s): {spread(ratio, '.2f')}", end="")
+    print("\n\n| task | version | batches | padded tokens / budget: mean | max | batches over budget | padding |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    tasks = [t for t in runs["now"][0]["padding"] if t != "all"] + ["all"]
+    for task in tasks:
+        for version in versions:
+            s = runs[version][0]["padding"].get(task)
+            if s is None:
+                continue
+            mean = f"{s['mean_over_budget']:.2f}" if "mean_over_budget" in s else "-"
+            print(f"| {task} | {version} | {s['batches']} | {mean} | {s['max_over_budget']:.2f} | "
+                  f"{s['batches_over']} | {100 * s['padding']:.1f}% |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

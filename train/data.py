@@ -86,6 +86,7 @@ class PairDataset(torch.utils.data.Dataset):
         # checked once (a byte per image, as Pairs keeps per pair), and a later epoch's batches cost nothing
         self._checked = np.zeros(pairs.num_images, dtype=bool)
         self._text_lens = np.asarray(pairs.lengths) - pairs.num_boxes[pairs.image]  # each pair's text length
+        self._pool = pairs.pool.tolist()  # image -> ShardSet index, as Python ints (read per sample)
         self.ring_slots = 8  # shared batch buffers per loader worker (build_data: prefetch_factor + 4)
 
     def __len__(self) -> int:
@@ -114,8 +115,12 @@ class PairDataset(torch.utils.data.Dataset):
         they are. A sample's features etc. are (n, width) views of its row; masks and masked tokens
         are its own."""
         pairs, shards, cap, loc7 = self.pairs, self.shards, self.max_regions, self.loc_dim == 7
-        images = [int(pairs.image[p]) if other < 0 else int(other) for _, p, other, _ in keys]
-        B, N = len(keys), int(pairs.num_boxes[images].max(initial=0))  # num_boxes: already capped
+        B = len(keys)
+        ps = np.fromiter((k[1] for k in keys), np.int64, B)
+        shown = np.fromiter((k[2] for k in keys), np.int64, B)
+        img = np.where(shown < 0, pairs.image[ps], shown)
+        images, text_lens = img.tolist(), self._text_lens[ps]
+        N, L = int(pairs.num_boxes[img].max(initial=0)), int(text_lens.max(initial=0))  # num_boxes: capped
         meta = shards.meta
         widths = {"features": (meta["feature_dim"], np.dtype(meta["feature_dtype"])),
                   "locations": (self.loc_dim, np.dtype(np.float32)),
@@ -123,21 +128,22 @@ class PairDataset(torch.utils.data.Dataset):
         if torch.utils.data.get_worker_info() is None:
             buffers = {k: _BUFFERS.take(k, (B, N, w), dt) for k, (w, dt) in widths.items()}  # tensors
         else:  # in a loader worker: the whole batch in one of the worker's reused shared buffers
-            L = int(self._text_lens[[k[1] for k in keys]].max(initial=0))
             arena = worker_ring(self.ring_slots).arena(batch_bytes(B, N, L, widths))
             buffers = {k: arena.take((B, N, w), dt) for k, (w, dt) in widths.items()}
             buffers["_arena"] = arena
         feats, locs, probs_buf = (buffers[k].numpy() for k in widths)
-        fresh = np.flatnonzero(~self._checked[images])  # rows of images the rules have not checked yet
+        fresh = np.flatnonzero(~self._checked[img])  # rows of images the rules have not checked yet
         if len(fresh):
             boxes, sizes, used = np.zeros((B, N, 4), np.float32), np.ones((B, 2)), np.zeros(B, np.int64)
-        samples, text_rows, region_rows, seeds, masked = [], [], [], [], []
-        for j, ((task, p, other, seed), image) in enumerate(zip(keys, images, strict=True)):
-            rec = shards[int(pairs.pool[image])]
+        pool, tokens, modes_of = self._pool, pairs.tokens, self._modes
+        samples, text_rows, region_rows, seeds, masked, lens = [], [], [], [], [], []
+        for j, (task, p, other, seed) in enumerate(keys):
+            image = images[j]
+            rec = shards[pool[image]]
             n = min(rec.num_boxes, cap)
             if n > N:
                 raise ValueError(f"record {rec.id!r} has {n} boxes, more than the {N} it had when the run started")
-            modes = self._modes.get(task) or self._modes.setdefault(task, modalities(task, self.masking))
+            modes = modes_of.get(task) or modes_of.setdefault(task, modalities(task, self.masking))
             feats[j, :n] = rec.features[:n]
             locs[j, :n] = (rec.loc7 if loc7 else rec.loc5)[:n]
             if len(fresh) and not self._checked[image]:
@@ -150,10 +156,9 @@ class PairDataset(torch.utils.data.Dataset):
                 raise ValueError(f"task {task} needs class distributions but record {rec.id!r} has none")
             else:
                 probs_buf[j, :n] = 0
-            if n < N:  # padding: zeros (the buffers are reused)
-                feats[j, n:], locs[j, n:], probs_buf[j, n:] = 0, 0, 0
+            lens.append(n)
             views = [feats[j, :n], locs[j, :n], probs_buf[j, :n]]  # + text and masks' views, below
-            samples.append({"task": task, "input_ids": pairs.tokens[p], "mlm_labels": None, "region_mask": None,
+            samples.append({"task": task, "input_ids": tokens[p], "mlm_labels": None, "region_mask": None,
                             "features": views[0], "locations": views[1], "class_probs": views[2],
                             "itm_label": int(other < 0), "pair": p, "image": image, "id": rec.id,
                             "_rows": (buffers, j, views)})  # where its regions are: collate checks it
@@ -164,30 +169,39 @@ class PairDataset(torch.utils.data.Dataset):
                 text_rows.append(j)
             if modes[1]:
                 region_rows.append(j)
+        lens = np.array(lens, np.int64)
+        pad = np.arange(N)[None] >= lens[:, None]  # padding: zeros (the buffers are reused), in one pass each
+        if pad.any():
+            feats[pad], locs[pad], probs_buf[pad] = 0, 0, 0
         if len(fresh):
             rows = slice(None) if len(fresh) == B else fresh
             self._check_rules([images[j] for j in fresh], boxes[rows], sizes[rows], used[rows], locs[rows],
                               probs_buf[rows])
-        for j, rng in zip(masked, self._generators(seeds), strict=True):
-            samples[j]["rng"] = rng  # each sample's own draws: text first, then regions
+        rngs = dict(zip(masked, self._generators(seeds), strict=True))  # each sample's draws: text, then regions
         if text_rows:
             inputs, labels = self.masker.batch([samples[j]["input_ids"] for j in text_rows],
-                                               [samples[j]["rng"] for j in text_rows])
+                                               [rngs[j] for j in text_rows])
             for row, j in enumerate(text_rows):
                 t = len(samples[j]["input_ids"])
                 samples[j]["input_ids"], samples[j]["mlm_labels"] = inputs[row, :t], labels[row, :t]
             if len(text_rows) == B:  # padded as collate pads (0, IGNORE): it takes them as they are
-                buffers["_text"] = (inputs, labels)
+                buffers["_input_ids"], buffers["_mlm_labels"] = inputs, labels
+        else:  # no text masked: no labels, one padded array for the batch (collate takes it)
+            labels = buffers["_mlm_labels"] = np.full((B, L), IGNORE, np.int64)
+            for j, t in enumerate(text_lens.tolist()):
+                samples[j]["mlm_labels"] = labels[j, :t]
         if region_rows:
-            lens = [len(samples[j]["features"]) for j in region_rows]
-            chosen = mask_regions_batch(lens, [samples[j]["rng"] for j in region_rows], self.mask_prob)
+            chosen = mask_regions_batch(lens[region_rows], [rngs[j] for j in region_rows], self.mask_prob)
             for row, j in enumerate(region_rows):
-                samples[j]["region_mask"] = chosen[row, :lens[row]]
+                samples[j]["region_mask"] = chosen[row, :lens[j]]
             if len(region_rows) == B and chosen.shape[1] == N:
                 buffers["_region_mask"] = chosen
+        else:
+            chosen = buffers["_region_mask"] = np.zeros((B, N), bool)
+            for j, n in enumerate(lens.tolist()):
+                samples[j]["region_mask"] = chosen[j, :n]
         for s in samples:
-            s.pop("rng", None)
-            if s["mlm_labels"] is None:
+            if s["mlm_labels"] is None:  # a batch masking the text of some samples only
                 s["mlm_labels"] = np.full_like(s["input_ids"], IGNORE)
             if s["region_mask"] is None:
                 s["region_mask"] = np.zeros(len(s["features"]), dtype=bool)
@@ -311,31 +325,20 @@ def collate(samples: list[dict]) -> dict:
                 a[b, n:] = 0
         regions[k] = buf
     out = {}
-    text = buffers.get("_text")
-    for k, fill in (("input_ids", 0), ("mlm_labels", IGNORE)):
-        dst = take(k, (B, L), np.int64)
-        if text is not None and text[0].shape[1] == L:  # the batch masking's own padded arrays
-            src = text[0 if k == "input_ids" else 1]
+    for k, width, lens_, fill, dtype in (("input_ids", L, text_lens, 0, np.int64),
+                                         ("mlm_labels", L, text_lens, IGNORE, np.int64),
+                                         ("region_mask", N, region_lens, False, bool)):
+        made = buffers.get("_" + k)  # the batch masking's own padded array, if it made one for all rows
+        dst = take(k, (B, width), dtype)
+        if made is not None and made.shape == (B, width):
             if dst is None:
-                out[k] = torch.from_numpy(src)
-            else:
-                dst[...] = src
+                out[k] = torch.from_numpy(made)
+                continue
+            dst[...] = made
         else:
-            if dst is None:
-                dst = np.empty((B, L), np.int64)
-            _pad_into(dst, [s[k] for s in samples], text_lens, fill)
-        if k not in out:
-            out[k] = torch.from_numpy(dst)
-    chosen = buffers.get("_region_mask")
-    mask = take("region_mask", (B, N), bool)
-    if chosen is not None and mask is None:
-        out["region_mask"] = torch.from_numpy(chosen)
-    elif chosen is not None:
-        mask[...] = chosen
-        out["region_mask"] = torch.from_numpy(mask)
-    else:
-        out["region_mask"] = torch.from_numpy(_pad_into(np.empty((B, N), bool) if mask is None else mask,
-                                                        [s["region_mask"] for s in samples], region_lens, False))
+            dst = _pad_into(np.empty((B, width), dtype) if dst is None else dst, [s[k] for s in samples],
+                            lens_, fill)
+        out[k] = torch.from_numpy(dst)
     small = {}
     for k, values in (("text_lens", text_lens), ("region_lens", region_lens),
                       ("itm_labels", [s["itm_label"] for s in samples]), ("pairs", [s["pair"] for s in samples]),
@@ -389,9 +392,9 @@ class Arena:
         """The batch as it goes to the main process: each of its tensors as (byte offset, dtype, shape) in
         the buffer, which is sent along only the first time (the main process keeps it mapped)."""
         layout, out = {}, {}
-        base = self.flat.data_ptr()
-        for k, v in batch.items():
-            if torch.is_tensor(v) and v.untyped_storage().data_ptr() == base:
+        base, end = self.flat.data_ptr(), self.flat.data_ptr() + self.used
+        for k, v in batch.items():  # (a tensor made from a numpy view of the buffer has its own storage object)
+            if torch.is_tensor(v) and base <= v.data_ptr() < end and v.is_contiguous():
                 layout[k] = (v.data_ptr() - base, v.dtype, tuple(v.shape))
             else:
                 out[k] = v
@@ -511,6 +514,26 @@ class Receiver:
         if old is not None and self.pin:
             torch.cuda.cudart().cudaHostUnregister(old.data_ptr())
 
+    def forget(self) -> None:
+        """Let go of the buffers of workers that are gone (a loader without persistent workers starts new
+        ones for each pass); a buffer whose batch is still alive is kept until it is freed."""
+        self.release()
+        held = set(self.held)
+        for key in [k for k in self.buffers if k not in held]:
+            self._drop(key)
+
+    def __del__(self):
+        # pinned buffers must be unregistered before they are unmapped: a buffer a batch still uses is kept
+        # mapped (and registered) for the life of the process rather than unmapped while registered
+        if self.pin:
+            self.release()
+            _KEEP.extend(self.buffers[k] for k in self.held)
+            self.held = []
+            self.forget()
+
+
+_KEEP: list = []  # pinned buffers still in use when their loader went away
+
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
@@ -526,6 +549,8 @@ class Loader(torch.utils.data.DataLoader):
 
     def __iter__(self):
         receive = self.receiver
+        if not self.persistent_workers:
+            receive.forget()
         for batch in super().__iter__():
             yield receive(batch)
 
