@@ -329,8 +329,8 @@ def peek_num_boxes(value) -> int:
 
 def header_num_boxes(key: bytes, value) -> int:
     """N from a record's header, the header checked as decode_record checks it (magic, version, sizes; the
-    length the header implies equals the value's) but without the checksum: reads the first 48 bytes (one
-    page of the map), never the features. CorruptRecordError for a header that is not a record's."""
+    length the header implies equals the value's) but without the checksum: looks at the first 48 bytes only.
+    CorruptRecordError for a header that is not a record's."""
     mv = memoryview(value)
     size = mv.nbytes
     if size < HEADER_SIZE + CHECKSUM_SIZE:
@@ -351,9 +351,9 @@ def header_num_boxes(key: bytes, value) -> int:
 
 
 def header_counts(path: str, txn, records, order, n: int) -> np.ndarray:
-    """The box counts of the first n order positions from their records' headers (header_num_boxes: one page
-    of each record, not its features), as uint32: for a format 1.0 shard, which has no table. ShardError
-    naming the shard and the record for a missing record or a header that is not a record's."""
+    """The box counts of the first n order positions from their records' headers (header_num_boxes; py-lmdb
+    still faults each value's pages in as it returns it), as uint32: for a format 1.0 shard, which has no
+    table. ShardError naming the shard and the record for a missing record or a header that is not a record's."""
     counts = np.empty(n, dtype=np.uint32)
     i = -1
     for i, (_, key) in enumerate(txn.cursor(db=order)):

@@ -186,9 +186,9 @@ def compact_copy(src: str, dst: str) -> str:
 
 
 def _copy_box_table(txn, records, order, meta_db, meta: dict, path: str, src: str) -> None:
-    """The copy's box-count table, checked against its records' headers (one page each, just written, so
-    cached): a table that does not match is not published (ShardError naming the source); a format 1.0
-    shard's copy gets the table and schema_minor 1."""
+    """The copy's box-count table, checked against its records' headers (just written, so cached): a table
+    that does not match is not published (ShardError naming the source); a format 1.0 shard's copy gets the
+    table and schema_minor 1."""
     count = txn.stat(order)["entries"]
     headers = header_counts(path, txn, records, order, count)
     chunks = box_table_chunks(path, txn, meta_db)

@@ -116,9 +116,12 @@ class ShardReader(Sequence):
         checksum covers): a table that lies about a record is a ShardError when that record is read.
         `regionbert-shards verify` compares the whole table with every record.
 
-        Format 1.0 shards (written before the table): from each record's 48-byte header (the first page of
-        the record, not its features, no checksum), with one warning naming the shard. The header's length
-        must agree with the record's, as decode_record requires."""
+        Format 1.0 shards (written before the table): from each record's 48-byte header, with one warning
+        naming the shard. The header's length must agree with the record's, as decode_record requires; nothing
+        else is decoded and no checksum computed (9x less CPU than reading the records, bench/README.md). But
+        py-lmdb faults in every page of a value it returns (its preload.h, before it hands the value over), so
+        on a cold disk this still reads every record's bytes once: the lasting fix is the table, which
+        `regionbert-shards copy` adds (as does a writer resuming or appending)."""
         if self._box_counts is None:
             self._box_counts = self._load_box_counts()
         return self._box_counts
@@ -214,8 +217,8 @@ def _warn_no_table(path: str, n: int) -> None:
         return
     _WARNED.add(path)
     warnings.warn(f"{path}: shard has no box-count table (written before format 1.1); counting the boxes of its "
-                  f"{n} records from their headers, one page each (one random read per record on a cold disk). "
-                  "`regionbert-shards copy` writes a copy with the table; resuming or appending also adds it",
+                  f"{n} records from their headers (no checksums, but from a cold disk this reads every record "
+                  "once). `regionbert-shards copy` writes a copy with the table, read in milliseconds",
                   stacklevel=4)
 
 
@@ -353,7 +356,7 @@ class ShardSet(Sequence):
 
     def box_counts(self) -> np.ndarray:
         """The number of boxes of every record of the set, in order (uint32, len(self)): each shard's
-        ShardReader.box_counts(), one read transaction per shard, no features touched."""
+        ShardReader.box_counts(), one read transaction per shard (format 1.1: the table only)."""
         out = np.empty(len(self), dtype=np.uint32)
         for s, start, end in zip(self.shards, self.offsets, self.offsets[1:], strict=False):
             counts = s.box_counts()

@@ -251,8 +251,8 @@ def test_old_format_shard_counts_from_headers_and_warns_once(tmp_path):
     assert verify_shard(old).ok  # a 1.0 shard without a table is not damaged
 
 
-def test_old_format_header_read_does_not_touch_features(tmp_path):
-    """Only the header is read: features zeroed without fixing the checksum still count (a full read fails)."""
+def test_old_format_header_read_does_not_check_or_decode_features(tmp_path):
+    """Only the header is used: features zeroed without fixing the checksum still count (a full read fails)."""
     old = _synth(tmp_path / "old", 10)
     _strip_table(old)
     env = lmdb.open(old, subdir=True, max_dbs=3)
