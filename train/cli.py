@@ -16,7 +16,7 @@ from regionbert.data import ShardError
 
 from .config import load_config
 from .loop import NonFiniteLoss
-from .run import run
+from .run import prepare, run
 
 SUBCOMMANDS = ("export", "score")
 
@@ -39,11 +39,18 @@ def main(argv=None) -> int:
                    help="continue a run: 'latest' (RUN/checkpoint.pt; from scratch if the run has none yet, so the "
                    "same command restarts a preempted job) or a checkpoint file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--prepare-only", action="store_true", help="build the tokenized captions tables of data.split "
+                   "and data.eval_split (beside the manifest, or in data.captions_cache) and exit: a job's ranks then "
+                   "start by reading them")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides + ([f"run.out={args.out}"] if args.out else []))
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=1))
+            return 0
+        if args.prepare_only:
+            for line in prepare(cfg):
+                print(f"regionbert-pretrain: captions table {line}")
             return 0
         run(cfg, resume=args.resume)
     except (ValueError, KeyError, FileNotFoundError, ShardError) as e:

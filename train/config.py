@@ -32,6 +32,9 @@ class DataConfig:
     verify: bool = True  # check each record's checksum as it is read
     allow_outside: bool = False  # accept index entries outside the index file's folder (docs/trust.md)
     eval_split: str | None = "val"  # held-out manifest rows for evaluation (None: no evaluation)
+    # folder of the tokenized captions tables (train/captions.py); "": the manifest's folder if writable, else
+    # RUN/captions
+    captions_cache: str = ""
 
 
 @dataclass

@@ -17,7 +17,9 @@ number of workers.
 
 from __future__ import annotations
 
+import collections.abc
 import itertools
+import operator
 import os
 import sys
 import time
@@ -28,37 +30,79 @@ import torch
 from regionbert.data import ShardError, ShardSet
 from regionbert.data.checks import all_finite, check_batch, check_record
 
+from .captions import open_table
 from .masking import IGNORE, REGION_TASKS, Generators, TextMasker, mask_regions_batch, modalities
-from .text import Text, read_manifest
+from .text import NoRows, Text
 
 
 class Pairs:
-    """Captions joined to shard records: pair p is (tokens[p], image[p]); images index `pool`."""
+    """Captions joined to shard records: pair p is (tokens[p], image[p]); images index `pool`.
+
+    Everything per caption or per image is a flat array (train/captions.py): the tokens, images and pool
+    are views of the captions table's shared mapping, built once per manifest, tokenizer, split and
+    shards, so that forked loader workers share its pages; image_ids reads ids from the shards. cache: the
+    table's folder (default: the manifest's own if writable, else the user's cache folder)."""
 
     def __init__(self, shards: ShardSet, manifest: str | os.PathLike, text: Text, split: str | None = None,
-                 max_regions: int = 100):
-        df = read_manifest(manifest, split)
-        position = {image_id: i for i, image_id in enumerate(shards.keys())}
-        ids = df["image_id"].tolist()
-        missing = [(row, i) for row, i in enumerate(ids) if i not in position]
-        if missing:
-            shown = ", ".join(f"row {r}: {i!r}" for r, i in missing[:5])
-            raise KeyError(f"{os.fspath(manifest)}: {len(missing)} caption(s) name images that are in no shard "
-                           f"({shown}{', ...' if len(missing) > 5 else ''})")
-        names, self.image = np.unique(np.array(ids, dtype=object), return_inverse=True)
-        self.pool = np.array([position[n] for n in names], dtype=np.int64)  # image -> ShardSet index
-        self.image_ids = list(names)
-        self.tokens = text.encode(df["caption"].tolist())
+                 max_regions: int = 100, cache: str | None = None):
+        self.table = open_table(shards, os.fspath(manifest), text, split, cache)
+        if self.table.count == 0:
+            raise NoRows(f"{os.fspath(manifest)}: no rows with split == {split!r}" if split is not None
+                         else f"{os.fspath(manifest)}: no caption rows")
+        self._views()
+        self.image_ids = ImageIds(shards, self.table)
         # from each shard's box-count table (or its record headers), never reading features (issue 24 item 1)
         self.num_boxes = np.minimum(shards.box_counts()[self.pool], max_regions).astype(np.int64)
-        self.lengths = np.array([len(t) for t in self.tokens]) + self.num_boxes[self.image]  # text + regions
+        self.lengths = self.table.lengths.astype(np.int64) + self.num_boxes[self.image]  # text + regions
+
+    def _views(self) -> None:
+        self.tokens = TokenRows(self.table)
+        self.image, self.pool = self.table.image, self.table.pool
+
+    def __getstate__(self) -> dict:  # a spawned worker maps the table again instead of unpickling copies
+        return {k: v for k, v in self.__dict__.items() if k not in ("tokens", "image", "pool")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._views()
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return self.table.count
 
     @property
     def num_images(self) -> int:
         return len(self.pool)
+
+
+class TokenRows:
+    """tokens[p]: pair p's ids ([CLS] words [SEP], int64), read from the captions table."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.count
+
+    def __getitem__(self, p) -> np.ndarray:
+        p = operator.index(p)
+        if not -self.table.count <= p < self.table.count:
+            raise IndexError(f"pair {p} out of range for {self.table.count} captions")
+        return self.table.tokens(p % self.table.count)
+
+
+class ImageIds(collections.abc.Sequence):
+    """image_ids[i]: image i's id, read from its shard's order table (no list of ids kept)."""
+
+    def __init__(self, shards: ShardSet, table):
+        self.shards, self.table = shards, table
+
+    def __len__(self) -> int:
+        return len(self.table.pool)
+
+    def __getitem__(self, i) -> str:
+        i = operator.index(i)
+        shard, local = self.shards.locate(int(self.table.pool[i]))
+        return shard.key_at(local).decode("utf-8")
 
 
 class PairDataset(torch.utils.data.Dataset):

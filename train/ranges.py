@@ -84,6 +84,7 @@ RULES = {
     "data.verify": BOOL,
     "data.allow_outside": BOOL,
     "data.eval_split": OPTIONAL_TEXT,
+    "data.captions_cache": TEXT,
     # tasks
     "tasks.mix": MIX,
     "tasks.masking": NAME,  # conditional / joint: config.check says which

@@ -12,6 +12,7 @@ import torch
 from regionbert.data import ShardSet
 
 from .bert import apply_bert_config, bert_tokenizer, load_bert
+from .captions import default_cache
 from .checkpoint import check_resumable, load_checkpoint, resolve_resume, rng_state, save_run_checkpoint, set_rng_state
 from .config import Config, check, save_config
 from .data import Loader, PairDataset, Pairs, TaskSampler, TokenBucketSampler, collate
@@ -23,7 +24,7 @@ from .metrics import Logger, trim_log
 from .model import num_parameters
 from .optim import build_optimizer, build_scheduler
 from .pretrainer import Pretrainer
-from .text import Text
+from .text import NoRows, Text
 
 
 def resolve_model(cfg: Config, shards: ShardSet, text: Text) -> None:
@@ -49,7 +50,7 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
     shards = ShardSet(d.shards, verify=d.verify, allow_outside=d.allow_outside)
     text = Text(d.tokenizer, cfg.model.max_text_len, d.lowercase)
     resolve_model(cfg, shards, text)
-    pairs = Pairs(shards, d.captions, text, split, d.max_regions)
+    pairs = Pairs(shards, d.captions, text, split, d.max_regions, captions_cache(cfg))
     dataset = PairDataset(shards, pairs, text, cfg.tasks.masking, cfg.tasks.mask_prob, d.max_regions, cfg.model.loc_dim)
     buckets = TokenBucketSampler(pairs.lengths, d.token_budget, d.bucket_size, seed=cfg.run.seed,
                                  max_batch_size=d.max_batch_size or None)
@@ -68,6 +69,33 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
                     pin_memory=cuda and not workers, pin_buffers=cuda and workers > 0,
                     generator=torch.Generator().manual_seed(cfg.run.seed))
     return pairs, dataset, buckets, loader
+
+
+def captions_cache(cfg: Config) -> str:
+    """The folder of the run's tokenized captions tables: data.captions_cache, else the manifest's folder
+    where writable (so runs on the same data share them), else RUN/captions."""
+    return cfg.data.captions_cache or default_cache(cfg.data.captions, os.path.join(cfg.run.out, "captions"))
+
+
+def prepare(cfg: Config) -> list[str]:
+    """Build (or check) the captions tables of the training and evaluation splits, and stop: what
+    `regionbert-pretrain --prepare-only` does before a job, so that its ranks start by reading them."""
+    d = cfg.data
+    if not d.shards or not d.captions or not d.tokenizer:
+        raise ValueError("data.shards, data.captions and data.tokenizer must all be set")
+    shards = ShardSet(d.shards, verify=d.verify, allow_outside=d.allow_outside)
+    text = Text(d.tokenizer, cfg.model.max_text_len, d.lowercase)
+    out = []
+    for split in dict.fromkeys([d.split] + ([d.eval_split] if d.eval_split is not None else [])):
+        try:
+            pairs = Pairs(shards, d.captions, text, split, d.max_regions, captions_cache(cfg))
+        except NoRows:
+            if split == d.split:
+                raise
+            continue  # no held-out rows: training goes on without evaluation
+        out.append(f"{pairs.table.path}: {len(pairs)} captions of {pairs.num_images} images "
+                   f"({'built' if pairs.table.built else 'already built'})")
+    return out
 
 
 def build_model(cfg: Config) -> Pretrainer:
@@ -237,14 +265,11 @@ def _run(cfg: Config, resume, print_fn, d: Dist) -> dict:
 def build_evaluation(cfg: Config, d: Dist, logger: Logger):
     """evaluate(model) -> held-out metrics on data.eval_split; None (with a note) when the manifest has no
     such rows."""
-    from .text import read_manifest
-
     try:
-        read_manifest(cfg.data.captions, cfg.data.eval_split)
-    except ValueError as e:  # a manifest without held-out rows: train anyway, and say so
+        pairs, dataset, _, _ = build_data(cfg, cfg.data.eval_split, num_workers=0)
+    except NoRows as e:  # a manifest without held-out rows: train anyway, and say so
         logger.print(f"note: no held-out evaluation: data.eval_split={cfg.data.eval_split!r}: {e}")
         return None
-    pairs, dataset, _, _ = build_data(cfg, cfg.data.eval_split, num_workers=0)
     tasks = [t for t, r in cfg.tasks.mix.items() if r > 0]
     neg = None
     if "itm" in tasks and pairs.num_images > 1:
