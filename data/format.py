@@ -327,13 +327,14 @@ def peek_num_boxes(value) -> int:
     return _HEADER.unpack_from(mv, 0)[5]
 
 
-def header_num_boxes(key: bytes, value) -> int:
+def header_num_boxes(key: bytes, value, size: int | None = None) -> int:
     """N from a record's header, the header checked as decode_record checks it (magic, version, sizes; the
     length the header implies equals the value's) but without the checksum: looks at the first 48 bytes only.
-    CorruptRecordError for a header that is not a record's."""
+    size: the whole value's length, when `value` holds only its first bytes (read from the file by
+    data/pagescan.py). CorruptRecordError for a header that is not a record's."""
     mv = memoryview(value)
-    size = mv.nbytes
-    if size < HEADER_SIZE + CHECKSUM_SIZE:
+    size = mv.nbytes if size is None else size
+    if size < HEADER_SIZE + CHECKSUM_SIZE or mv.nbytes < HEADER_SIZE:
         raise CorruptRecordError(_name(key, None), f"record is {size} bytes, shorter than the {HEADER_SIZE}-byte "
                                  "header")
     (magic, version, header_size, width, height, n, d, c, a, fcode, _flags, _r0, extra_len,

@@ -36,6 +36,7 @@ from .format import (
 )
 from .handles import Handle, get_handle, open_for_reading_here
 from .indexfile import load_index
+from .pagescan import header_counts_by_pages
 
 _handle = get_handle  # the name other modules and benchmarks use
 __all__ = ["ShardReader", "ShardSet", "find_shards", "open_for_reading_here", "resolve_sources"]
@@ -118,10 +119,10 @@ class ShardReader(Sequence):
 
         Format 1.0 shards (written before the table): from each record's 48-byte header, with one warning
         naming the shard. The header's length must agree with the record's, as decode_record requires; nothing
-        else is decoded and no checksum computed (9x less CPU than reading the records, bench/README.md). But
-        py-lmdb faults in every page of a value it returns (its preload.h, before it hands the value over), so
-        on a cold disk this still reads every record's bytes once: the lasting fix is the table, which
-        `regionbert-shards copy` adds (as does a writer resuming or appending)."""
+        else is read or decoded, and no checksum computed. For a complete shard the headers are read from
+        data.mdb's pages directly (data/pagescan.py: one page per record, in file order), since py-lmdb faults
+        in every page of a value it returns; a shard being written is read through LMDB. The table is the
+        lasting fix: `regionbert-shards copy` adds it, as does a writer resuming or appending."""
         if self._box_counts is None:
             self._box_counts = self._load_box_counts()
         return self._box_counts
@@ -141,12 +142,31 @@ class ShardReader(Sequence):
                 raise ShardError(f"{self.path}: the shard declares a box-count table (schema_minor "
                                  f"{h.meta['schema_minor']}) but stores none; it is damaged (`regionbert-shards "
                                  "verify`): restore it from its source")
+            elif n:
+                _warn_no_table(self.path, n)
+                counts = self._headers(h, txn, records, order, n)
             else:
-                if n:
-                    _warn_no_table(self.path, n)
-                counts = header_counts(self.path, txn, records, order, n)
+                counts = np.zeros(0, dtype=np.uint32)
         self._check_fits(counts)
         counts.flags.writeable = False  # shared by everyone who asks (and by forked workers)
+        return counts
+
+    def _headers(self, h, txn, records, order, n: int) -> np.ndarray:
+        """A format 1.0 shard's counts from its records' headers. A complete shard (immutable): its pages read
+        directly, one per record (data/pagescan.py; py-lmdb would read every record whole), joined to the
+        order table here. One being written: through LMDB, in this snapshot."""
+        by_key = header_counts_by_pages(self.path) if h.env is not None else None
+        if by_key is None:
+            return header_counts(self.path, txn, records, order, n)
+        counts = np.empty(n, dtype=np.uint32)
+        for i, (_, key) in enumerate(txn.cursor(db=order)):  # (keys: small values, in the order table's leaves)
+            if i == n:
+                break
+            got = by_key.get(bytes(key))
+            if got is None:
+                raise ShardError(f"{self.path}: order table entry {i} names {_show(bytes(key))}, which has no "
+                                 "record; the shard is damaged")
+            counts[i] = got
         return counts
 
     def _check_fits(self, counts: np.ndarray) -> None:
@@ -217,8 +237,8 @@ def _warn_no_table(path: str, n: int) -> None:
         return
     _WARNED.add(path)
     warnings.warn(f"{path}: shard has no box-count table (written before format 1.1); counting the boxes of its "
-                  f"{n} records from their headers (no checksums, but from a cold disk this reads every record "
-                  "once). `regionbert-shards copy` writes a copy with the table, read in milliseconds",
+                  f"{n} records from their headers (a page of each). `regionbert-shards copy` writes a copy with "
+                  "the table, read in milliseconds",
                   stacklevel=4)
 
 

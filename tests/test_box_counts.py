@@ -271,6 +271,68 @@ def test_old_format_header_read_does_not_check_or_decode_features(tmp_path):
         ShardReader(old)[3]
 
 
+def _resident_pages(path: str) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages in all), by mincore(2) on a fresh map of it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            pytest.skip(f"mmap: {os.strerror(ctypes.get_errno())}")
+        vec = (ctypes.c_ubyte * pages)()
+        try:
+            if libc.mincore(addr, size, vec) != 0:
+                pytest.skip(f"mincore: {os.strerror(ctypes.get_errno())}")
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec), pages
+
+
+def test_old_format_complete_shard_reads_one_page_per_record(tmp_path):
+    """From a cold page cache, counting a 1.0 shard's boxes brings in its tree pages and one page per record,
+    not the records' features (py-lmdb would fault in every page of every record it returns)."""
+    old = _synth(tmp_path / "old", 30, feature_dim=2048, min_boxes=20, max_boxes=30)
+    _strip_table(old)
+    data = os.path.join(old, "data.mdb")
+    r = ShardReader(old)  # opened first: its checks of the file read pages of their own
+    fd = os.open(data, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # (pages LMDB has mapped stay: a few, counted in cold)
+    os.close(fd)
+    cold, pages = _resident_pages(data)
+    if cold > pages // 10:
+        pytest.skip(f"the page cache kept {cold} of {pages} pages after POSIX_FADV_DONTNEED")
+    with pytest.warns(UserWarning, match="no box-count table"):
+        counts = r.box_counts()
+    assert len(counts) == 30 and counts.min() >= 20
+    read, _ = _resident_pages(data)
+    assert read - cold <= 30 + 8, (read, cold, pages)  # a page per record and the records tree's few pages
+    assert pages > 30 * 20  # (where reading the records would bring in 20+ pages each)
+    assert np.array_equal(counts, _records(old))
+
+
+def test_old_format_incomplete_shard_counts_through_lmdb(tmp_path):
+    """A 1.0 shard whose writer died (it may still be written: no page walk) is counted through LMDB."""
+    ref = _synth(tmp_path / "ref", 20)
+    old = _synth(tmp_path / "old", 20)
+    _strip_table(old, complete=False)
+    with pytest.warns(UserWarning) as caught:
+        counts = ShardReader(old).box_counts()
+    assert any("no box-count table" in str(w.message) for w in caught)
+    assert np.array_equal(counts, ShardReader(ref).box_counts())
+
+
 def test_old_format_header_that_lies_about_its_length_is_named(tmp_path):
     old = _synth(tmp_path / "old", 10, min_boxes=2)
     _strip_table(old)
