@@ -43,6 +43,7 @@ from .format import (
 from .handles import get_handle as _handle
 from .indexfile import INDEX_FORMAT, INDEX_VERSION, check_inside, load_index, shard_identity  # noqa: F401 - load_index: public API
 from .lock import WriterLock, check_not_written
+from .pagescan import counts_in_order
 from .reader import ShardReader, resolve_sources
 
 
@@ -186,11 +187,13 @@ def compact_copy(src: str, dst: str) -> str:
 
 
 def _copy_box_table(txn, records, order, meta_db, meta: dict, path: str, src: str) -> None:
-    """The copy's box-count table, checked against its records' headers (just written, so cached): a table
+    """The copy's box-count table, checked against its records' headers (a page of each): a table
     that does not match is not published (ShardError naming the source); a format 1.0 shard's copy gets the
     table and schema_minor 1."""
     count = txn.stat(order)["entries"]
-    headers = header_counts(path, txn, records, order, count)
+    headers = counts_in_order(path, txn, order, count)  # a page per record (py-lmdb would read them whole)
+    if headers is None:
+        headers = header_counts(path, txn, records, order, count)
     chunks = box_table_chunks(path, txn, meta_db)
     if chunks or declares_box_table(meta):
         table = decode_box_table(src, chunks, count) if chunks or count else headers

@@ -9,6 +9,7 @@ walked with plain reads (pread, no map), as data/lmdbcheck.py walks it before ev
 
     header_counts_by_pages(path) -> {key: N}, or None where this cannot be done (the caller then reads the
                                     headers through LMDB)
+    counts_in_order(path, txn, order, n) -> the first n order positions' counts (uint32), or None
 
 Only for a complete shard (immutable: the pages cannot change under the walk). Every page is checked as
 lmdbcheck checks it before anything in it is used (lmdbcheck._check_pages), every read is bounded by the
@@ -23,7 +24,7 @@ import os
 
 import numpy as np
 
-from .errors import CorruptRecordError
+from .errors import CorruptRecordError, ShardError
 from .format import HEADER_SIZE, header_num_boxes
 from .lmdbcheck import (
     _CHUNK,
@@ -59,6 +60,27 @@ def header_counts_by_pages(path: str) -> dict[bytes, int] | None:
         return _leaf_headers(path, fd, records, psize, last, seen)
     finally:
         os.close(fd)
+
+
+def counts_in_order(path: str, txn, order, n: int) -> np.ndarray | None:
+    """The box counts of order positions 0..n-1 (header_counts_by_pages joined to the order table, read
+    through txn: its values are the small keys, in its leaf pages); None where the pages give none."""
+    by_key = header_counts_by_pages(path)
+    if by_key is None:
+        return None
+    counts = np.empty(n, dtype=np.uint32)
+    i = -1
+    for i, (_, key) in enumerate(txn.cursor(db=order)):
+        if i == n:
+            break
+        got = by_key.get(bytes(key))
+        if got is None:
+            raise ShardError(f"{path}: order table entry {i} names {bytes(key)!r}, which has no record; the shard "
+                             "is damaged (`regionbert-shards verify`)")
+        counts[i] = got
+    if n and i < n - 1:
+        raise ShardError(f"{path}: order table holds {i + 1} entries, {n} expected; the shard is damaged")
+    return counts
 
 
 def _leaf_headers(path: str, fd: int, tree: _Tree, psize: int, last: int, seen: np.ndarray) -> dict[bytes, int]:

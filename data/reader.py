@@ -36,7 +36,7 @@ from .format import (
 )
 from .handles import Handle, get_handle, open_for_reading_here
 from .indexfile import load_index
-from .pagescan import header_counts_by_pages
+from .pagescan import counts_in_order
 
 _handle = get_handle  # the name other modules and benchmarks use
 __all__ = ["ShardReader", "ShardSet", "find_shards", "open_for_reading_here", "resolve_sources"]
@@ -153,21 +153,10 @@ class ShardReader(Sequence):
 
     def _headers(self, h, txn, records, order, n: int) -> np.ndarray:
         """A format 1.0 shard's counts from its records' headers. A complete shard (immutable): its pages read
-        directly, one per record (data/pagescan.py; py-lmdb would read every record whole), joined to the
-        order table here. One being written: through LMDB, in this snapshot."""
-        by_key = header_counts_by_pages(self.path) if h.env is not None else None
-        if by_key is None:
-            return header_counts(self.path, txn, records, order, n)
-        counts = np.empty(n, dtype=np.uint32)
-        for i, (_, key) in enumerate(txn.cursor(db=order)):  # (keys: small values, in the order table's leaves)
-            if i == n:
-                break
-            got = by_key.get(bytes(key))
-            if got is None:
-                raise ShardError(f"{self.path}: order table entry {i} names {_show(bytes(key))}, which has no "
-                                 "record; the shard is damaged")
-            counts[i] = got
-        return counts
+        directly, one per record (data/pagescan.py; py-lmdb would read every record whole). One being
+        written: through LMDB, in this snapshot."""
+        counts = counts_in_order(self.path, txn, order, n) if h.env is not None else None
+        return header_counts(self.path, txn, records, order, n) if counts is None else counts
 
     def _check_fits(self, counts: np.ndarray) -> None:
         """The boxes the table claims fit in data.mdb: sum(counts) * (fewest bytes a box takes) <= its size."""

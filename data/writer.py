@@ -40,6 +40,7 @@ from .format import (  # noqa: F401 - DB_*, META_*, order_key, comparable_settin
 from .handles import check_shard_files, open_for_reading_here, open_pinned
 from .lmdbcheck import check_file, write_error
 from .lock import WriterLock
+from .pagescan import counts_in_order
 
 PROB_SUM_TOLERANCE = 0.02  # float16 rounding over ~1600 classes stays well inside this
 
@@ -283,9 +284,13 @@ class ShardWriter:
             k += 1
 
     def _header_counts(self) -> list[int]:
-        """The box counts of the committed records, in order, from their headers (a format 1.0 shard)."""
+        """The box counts of the committed records, in order, from their headers (a format 1.0 shard): from
+        the file's pages (data/pagescan.py, a page per record; nothing is written before this), else via LMDB."""
         with self._env.begin(buffers=True) as txn:
-            return header_counts(self.path, txn, self._records, self._order, self.count).tolist()
+            counts = counts_in_order(self.path, txn, self._order, self.count)
+            if counts is None:
+                counts = header_counts(self.path, txn, self._records, self._order, self.count)
+        return counts.tolist()
 
     def _write_state(self, complete: bool, meta: dict | None = None, counts: list[int] | None = None) -> None:
         while True:
