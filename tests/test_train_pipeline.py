@@ -106,6 +106,35 @@ def test_task_sampler_mixes_tasks_and_makes_negatives(pairs):
     assert next(iter(again)) == batches[5]  # resumable: skip reproduces the stream
 
 
+def _bucket_batches_one_pair_at_a_time(s: TokenBucketSampler, epoch: int) -> list[list[int]]:
+    """TokenBucketSampler.batches as it was written before issue 23 (one pair per Python step), for reference."""
+    rng = np.random.default_rng([s.seed, epoch])
+    order, out = rng.permutation(len(s.lengths)), []
+    for start in range(0, len(order), s.bucket_size):
+        bucket = order[start:start + s.bucket_size]
+        bucket = bucket[np.argsort(-s.lengths[bucket], kind="stable")]
+        batch, longest = [], 0
+        for i in bucket.tolist():
+            n = max(longest, int(s.lengths[i]))
+            if batch and (n * (len(batch) + 1) > s.budget or len(batch) >= s.max_batch_size):
+                out.append(batch)
+                batch, n = [], int(s.lengths[i])
+            batch.append(i)
+            longest = n
+        if batch:
+            out.append(batch)
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def test_token_buckets_cut_a_batch_at_a_time_as_they_cut_a_pair_at_a_time():
+    rs = np.random.default_rng(1)  # the same batches (exact resume of runs from before), a batch per Python step
+    for t in range(40):
+        lengths = rs.integers(0 if t % 5 == 0 else 1, 300, int(rs.integers(1, 2000)))
+        for budget, cap in ((1, None), (600, None), (600, 3), (8192, 64)):
+            s = TokenBucketSampler(lengths, budget, bucket_size=int(rs.integers(1, 3000)), seed=t, max_batch_size=cap)
+            assert s.batches(t % 3) == _bucket_batches_one_pair_at_a_time(s, t % 3)
+
+
 def _real_length(p, key) -> int:
     """A key's padded length in a batch: its text + the regions of the image it shows (a negative's)."""
     _, pair, other, _ = key

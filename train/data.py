@@ -130,7 +130,7 @@ class PairDataset(torch.utils.data.Dataset):
         # checked once (a byte per image, as Pairs keeps per pair), and a later epoch's batches cost nothing
         self._checked = np.zeros(pairs.num_images, dtype=bool)
         self._text_lens = np.asarray(pairs.lengths) - pairs.num_boxes[pairs.image]  # each pair's text length
-        self._pool = pairs.pool.tolist()  # image -> ShardSet index, as Python ints (read per sample)
+        self._pool = pairs.pool  # image -> ShardSet index (the table's shared array, not a list of ints: issue 24)
         self.ring_slots = 8  # shared batch buffers per loader worker (build_data: prefetch_factor + 4)
 
     def __len__(self) -> int:
@@ -580,7 +580,7 @@ _KEEP: list = []  # pinned buffers still in use when their loader went away
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 class Loader(torch.utils.data.DataLoader):
@@ -697,8 +697,15 @@ class TokenBucketSampler:
         out = []
         for start in range(0, len(order), self.bucket_size):
             bucket = order[start:start + self.bucket_size]
-            if self.sort:
+            if self.sort:  # longest first: a batch is as many as fit under its first (one step per batch)
                 bucket = bucket[np.argsort(-lengths[bucket], kind="stable")]
+                lens, i = lengths[bucket].tolist(), 0
+                while i < len(lens):
+                    size = self.max_batch_size if lens[i] <= 0 else \
+                        max(1, min(self.budget // lens[i], self.max_batch_size))
+                    out.append(bucket[i:i + size].tolist())
+                    i += size
+                continue
             batch, longest = [], 0
             for i in bucket.tolist():
                 n = max(longest, int(lengths[i]))
@@ -788,18 +795,21 @@ class TaskSampler:
                     yield self.itm_keys(epoch, itm_steps - 1)
                 else:
                     b = g * W + self.process_rank
-                    yield self.keys(batches[b], epoch, b, g)
+                    yield self.keys(batches[b], epoch, b, g, task)
 
     def task(self, epoch: int, group: int) -> str:
         """The task of an epoch's group of batches (the same on every rank)."""
         rng = np.random.default_rng([self.seed, epoch, group])
         return self.tasks[rng.choice(len(self.tasks), p=self.probs)]
 
-    def keys(self, batch: list[int], epoch: int, b: int, group: int | None = None) -> list[tuple]:
+    def keys(self, batch: list[int], epoch: int, b: int, group: int | None = None,
+             task: str | None = None) -> list[tuple]:
         """The dataset keys of batch b of an epoch's pair batches; its task comes from its group (the
         step's batches). An ITM step takes its batch from itm_keys instead (here, for a pair batch drawn
         ITM, its negatives are swapped in: the pairs' own lengths, not a batch the budget holds for)."""
         group = b if group is None else group
+        if task is not None and task != "itm":  # drawn already (self.task): no negatives to draw
+            return [(task, p, -1, (self.seed, epoch, b, j)) for j, p in enumerate(batch)]
         rng = np.random.default_rng([self.seed, epoch, group])  # the same on every rank
         task = self.tasks[rng.choice(len(self.tasks), p=self.probs)]
         if self.world_size > 1:  # negatives: this rank's own draws
