@@ -3,11 +3,15 @@
 A *pair* is one caption with its image. Each step trains one task on one batch:
 
     TokenBucketSampler  pair indices, batched by a token budget over text + regions (little padding)
-    TaskSampler         draws the batch's task by the mixing ratios; for ITM swaps in another image
-                        for half the pairs; gives every sample its own random seed
+    TaskSampler         draws the batch's task by the mixing ratios; ITM batches come from a stream of
+                        their own, bucketed by the lengths the pairs have once half of them show
+                        another image; gives every sample its own random seed
     PairDataset         reads a batch's records (zero-copy, through regionbert.data), masks what the
                         task hides, over the whole batch
     collate             pads into tensors (float16 features, as stored) and measures the padding
+    Loader              the DataLoader: in a loader worker each batch is built in one of the worker's
+                        reused shared buffers (WorkerRing) and the main process puts it back together
+                        from it (Receiver), without a copy and, on CUDA, pinned once per buffer
     DeviceFeed          moves batches to the device, casting to float32 there; on CUDA the next
                         batch's copy runs on a side stream while the current step computes
 
