@@ -60,10 +60,16 @@ class CaptionTableError(ValueError):
 # ----------------------------------------------------------------------------- inputs and names
 def file_digest(path: str) -> str:
     """xxh3_128 of a file's bytes, read in 4 MB blocks."""
-    h = xxhash.xxh3_128()
     with open(path, "rb") as f:
-        while block := f.read(4 << 20):
-            h.update(block)
+        return _digest_rest(f)
+
+
+def _digest_rest(f) -> str:
+    """xxh3_128 of the rest of an open file, through one 4 MB buffer whatever the file's size."""
+    h, buf = xxhash.xxh3_128(), bytearray(4 << 20)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        h.update(view[:n])
     return h.hexdigest()
 
 
@@ -354,11 +360,8 @@ def _pad(out) -> None:
 
 
 def _checksum(out) -> str:
-    h = xxhash.xxh3_128()
     out.seek(HEADER_BYTES)
-    while block := out.read(4 << 20):
-        h.update(block)
-    return h.hexdigest()
+    return _digest_rest(out)
 
 
 def _sync_folder(folder: str) -> None:

@@ -1,0 +1,115 @@
+"""No per-caption or per-image Python objects (issue 24 item 3): what a rank keeps for its data (pairs, dataset,
+samplers, loader) is a fixed number of allocations whatever the corpus, and building the captions table has
+a peak that does not grow with the manifest. Measured with tracemalloc (counts of live blocks and peak
+bytes), never with a clock; each test first checks that the old Pairs (tests/legacy_pairs.py) is caught."""
+
+import gc
+import json
+import os
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+from legacy_pairs import LegacyPairs
+from train_synth import write_vocab
+
+from regionbert.data import ShardSet
+from regionbert.data.synth import write_synthetic_shard
+from regionbert.train import captions
+from regionbert.train import run as run_module
+from regionbert.train.config import load_config
+from regionbert.train.run import build_data
+from regionbert.train.text import Text
+
+PER_IMAGE = 4
+WORDS = ["dog", "cat", "a", "photo", "of", "and", "person", "car", "on", "the"]
+
+
+def corpus(folder, images: int, per_image: int = PER_IMAGE) -> dict:
+    os.makedirs(folder, exist_ok=True)
+    shard = os.path.join(folder, "shard")
+    write_synthetic_shard(shard, images, feature_dim=4, min_boxes=1, max_boxes=6, seed=1)
+    rng = np.random.default_rng(0)
+    ids = list(ShardSet(shard).keys())
+    rows = [{"image_id": i, "caption": " ".join(rng.choice(WORDS, rng.integers(3, 12))), "split": "train"}
+            for i in ids for _ in range(per_image)]
+    path = os.path.join(folder, "captions.csv")
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return {"shards": shard, "captions": path, "tokenizer": write_vocab(os.path.join(folder, "vocab.txt"))}
+
+
+@pytest.fixture(scope="module")
+def sizes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    return corpus(str(root / "small"), 300), corpus(str(root / "large"), 1500)
+
+
+def live_blocks(make):
+    """(live tracemalloc blocks that make() leaves allocated, its result)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = sum(s.count for s in tracemalloc.take_snapshot().statistics("filename"))
+        out = make()
+        gc.collect()
+        after = sum(s.count for s in tracemalloc.take_snapshot().statistics("filename"))
+    finally:
+        tracemalloc.stop()
+    return after - before, out
+
+
+def config(d, out):
+    return load_config(None, [f"data.{k}={json.dumps(v)}" for k, v in d.items()] + [
+        "model.max_text_len=16", "data.num_workers=0", "data.token_budget=400", f"run.out={json.dumps(str(out))}",
+        'tasks.mix={"mlm":1,"mrfr":1,"mrc_kl":1,"itm":1}'])
+
+
+def test_a_ranks_data_objects_do_not_grow_with_the_corpus(sizes, tmp_path, monkeypatch):
+    """build_data (Pairs, PairDataset, TokenBucketSampler, TaskSampler, Loader) over a warm table, at 1,200 and
+    6,000 captions: the live blocks it leaves differ by less than 1 per 20 captions. The old Pairs (a list of
+    arrays, a dict and a list of ids) leaves more than one per caption."""
+    captions_diff = (1500 - 300) * PER_IMAGE
+    for d in sizes:  # warm: the tables exist (building them is the next test's)
+        build_data(config(d, tmp_path), "train")
+    grown = []
+    for d in sizes:
+        n, (pairs, *_) = live_blocks(lambda d=d: build_data(config(d, tmp_path), "train"))
+        assert not pairs.table.built
+        grown.append(n)
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "Pairs", LegacyPairs)
+        old = [live_blocks(lambda d=d: build_data(config(d, tmp_path), "train"))[0] for d in sizes]
+    assert old[1] - old[0] > captions_diff, old  # the measurement sees per-caption objects
+    assert grown[1] - grown[0] < captions_diff / 20, (grown, old)
+
+
+def peak_bytes(make) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        make()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_building_the_table_has_a_peak_that_does_not_grow_with_the_manifest(sizes, tmp_path, monkeypatch):
+    """One shard of 1,500 images; manifests of 1 and 8 captions per image, read in blocks of 500 rows: the
+    table build's traced peak grows by under 8 bytes per added caption (the old Pairs: hundreds)."""
+    d = sizes[1]
+    small, large = (corpus(str(tmp_path / f"m{k}"), 1500, k) for k in (1, 8))
+    monkeypatch.setattr(captions, "CHUNK_ROWS", 500)
+    monkeypatch.setattr(captions, "BLOCK", 500)  # arrays converted and checked 500 elements at a time
+    shards, text = ShardSet(d["shards"]), Text(d["tokenizer"], 16)
+    added = 1500 * 7
+
+    def build(m):  # the table alone: Pairs then adds the run's lengths (8 bytes a caption)
+        assert captions.open_table(shards, m["captions"], text, "train", str(tmp_path / "cache")).built
+
+    new = [peak_bytes(lambda m=m: build(m)) for m in (small, large)]
+    old = [peak_bytes(lambda m=m: LegacyPairs(shards, m["captions"], text, "train")) for m in (small, large)]
+    assert old[1] - old[0] > 100 * added, old  # the measurement sees the old build's per-caption memory
+    assert new[1] - new[0] < 8 * added, (new, old)
