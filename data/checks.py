@@ -204,7 +204,7 @@ def box_table_problems(path: str, txn, meta_db, meta: dict, headers: np.ndarray,
     key_at(i): the id at position i (bytes), for the message. Empty: the table matches every record, or
     the shard (1.0) has none."""
     try:
-        chunks = box_table_chunks(path, txn, meta_db)
+        chunks = box_table_chunks(path, txn, meta_db, len(headers))
         if not chunks:
             if len(headers) and declares_box_table(meta):
                 return [f"box-count table: missing, though the metadata declares it (schema_minor "

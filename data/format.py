@@ -390,10 +390,13 @@ def encode_box_table(counts) -> list[tuple[bytes, bytes]]:
     return [(box_chunk_key(k), data[off:off + step]) for k, off in enumerate(range(0, len(data), step))]
 
 
-def box_table_chunks(path: str, txn, meta_db) -> list:
+def box_table_chunks(path: str, txn, meta_db, count: int | None = None) -> list:
     """The values of the table's chunks, in order, as stored (buffers or bytes); [] if the shard has none.
-    ShardError for a key under the table's prefix that is not the next chunk (a gap, a stray key)."""
+    ShardError for a key under the table's prefix that is not the next chunk (a gap, a stray key). count: the
+    shard's records; the scan stops one chunk past what they need (a forged table of a million chunks is
+    refused after one too many, not read whole; decode_box_table then names the excess)."""
     out = []
+    most = None if count is None else -(-count // BOX_CHUNK) + 1
     cur = txn.cursor(db=meta_db)
     if not cur.set_range(BOX_COUNTS):
         return out
@@ -405,6 +408,8 @@ def box_table_chunks(path: str, txn, meta_db) -> list:
             raise ShardError(f"{path}: box-count table: meta key {key!r} is not chunk {len(out)} (expected "
                              f"{box_chunk_key(len(out))!r}); the table is damaged or forged")
         out.append(value)
+        if most is not None and len(out) >= most:
+            break
     return out
 
 

@@ -194,7 +194,7 @@ def _copy_box_table(txn, records, order, meta_db, meta: dict, path: str, src: st
     headers = counts_in_order(path, txn, order, count)  # a page per record (py-lmdb would read them whole)
     if headers is None:
         headers = header_counts(path, txn, records, order, count)
-    chunks = box_table_chunks(path, txn, meta_db)
+    chunks = box_table_chunks(path, txn, meta_db, count)
     if chunks or declares_box_table(meta):
         table = decode_box_table(src, chunks, count) if chunks or count else headers
         wrong = np.flatnonzero(table != headers)

@@ -131,8 +131,8 @@ class ShardReader(Sequence):
         h = self._handle()
         n = len(self)
         with _lmdb_errors(self.path, "the box-count table"), h.snapshot() as (txn, records, order, meta_db):
-            chunks = box_table_chunks(self.path, txn, meta_db)
             have = txn.stat(order)["entries"]  # this snapshot's count (an incomplete shard may have grown)
+            chunks = box_table_chunks(self.path, txn, meta_db, have)
             if have < n:
                 raise ShardError(f"{self.path}: the order table shrank from {n} to {have} entries while open; "
                                  "the shard was replaced")

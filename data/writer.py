@@ -118,7 +118,7 @@ class ShardWriter:
         with self._env.begin() as txn:
             raw = txn.get(META_SHARD, db=self._meta_db)
             state = txn.get(META_STATE, db=self._meta_db)
-            table = box_table_chunks(self.path, txn, self._meta_db)
+            table = box_table_chunks(self.path, txn, self._meta_db, txn.stat(self._order)["entries"])
         if raw is not None:  # resume: the shard's settings win, and must match ours
             self.meta = decode_meta(self.path, raw)
             diff = settings_diff(self.meta, wanted)

@@ -456,6 +456,8 @@ def _hostile_tables(real: np.ndarray) -> dict:
         "extra-chunk": (chunks((box_chunk_key(0), c.tobytes()), (box_chunk_key(1), c[:3].tobytes())),
                         "has 2 chunk(s), the shard's 40 records need 1"),
         "gap": (chunks((box_chunk_key(1), c.tobytes())), "is not chunk 0"),
+        "many-chunks": (chunks(*[(box_chunk_key(k), c.tobytes()) for k in range(1000)]),
+                        "has 2 chunk(s), the shard's 40 records need 1"),  # (the scan stops at one too many)
         "stray-key": (chunks((box_chunk_key(0), c.tobytes()), (BOX_COUNTS + b"x", b"")), "is not chunk 1"),
         "absurd": (chunks((box_chunk_key(0), np.full(n, 2**32 - 1, "<u4").tobytes())), "but data.mdb is"),
         "absurd-one": (chunks((box_chunk_key(0), np.where(np.arange(n) == 9, 2**31, c).astype("<u4").tobytes())),
