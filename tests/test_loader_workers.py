@@ -10,7 +10,7 @@ import torch
 from train_synth import write_dataset
 
 from regionbert.train.config import load_config
-from regionbert.train.data import WorkerRing, collate
+from regionbert.train.data import Loader, WorkerRing, collate
 from regionbert.train.run import build_data
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
@@ -131,3 +131,17 @@ def test_collate_in_process_takes_the_masked_arrays_as_they_are(data):
     assert np.shares_memory(batch["region_mask"].numpy(), made["_region_mask"])
     edited = collate([{**s, "input_ids": s["input_ids"] + 0} for s in samples])  # a copy: the general path
     assert torch.equal(edited["input_ids"], batch["input_ids"])
+
+
+def test_buffers_of_workers_that_are_gone_are_let_go(data):
+    # a loader without persistent workers starts new workers (new rings) for each pass over it
+    _, ds, _, ref = build_data(_cfg(data), None, num_workers=0)
+    expected = list(itertools.islice(ref, 12))
+    loader = Loader(ds, batch_sampler=ref.batch_sampler, collate_fn=collate, num_workers=1)
+    for _ in range(3):
+        got = list(itertools.islice(loader, 12))
+        assert all(_same(b, e) for b, e in zip(got, expected, strict=True))
+        kept = got[-1]
+        del got
+    assert len(loader.receiver.buffers) <= 8 + 1  # the last pass's ring and the batch still held
+    assert torch.equal(kept["features"], expected[-1]["features"])
