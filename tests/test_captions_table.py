@@ -339,3 +339,25 @@ def test_default_cache_is_the_run_folder_when_the_manifest_folder_is_read_only(d
     finally:
         os.chmod(folder, 0o755)
 
+
+
+def test_a_missing_manifest_an_unusable_cache_and_a_planted_link_are_refused_or_replaced(data, tmp_path):
+    from regionbert.train.captions import table_key, table_path
+
+    shards, text = ShardSet(data["shards"]), Text(data["tokenizer"], 24)
+    with pytest.raises(FileNotFoundError, match=r"nowhere.csv: caption manifest not found"):
+        Pairs(shards, str(tmp_path / "nowhere.csv"), text, "train", cache=str(tmp_path))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"afile: cannot create the captions table folder"):
+        Pairs(shards, data["captions"], text, "train", cache=str(tmp_path / "afile"))
+    # a link planted where the table goes: not followed (O_NOFOLLOW), replaced by the table, its target untouched
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious")
+    path = table_path(str(cache), data["captions"], "train", table_key(shards, data["captions"], text, "train")[0])
+    os.symlink(target, path)
+    with pytest.warns(UserWarning, match="captions table not usable"):
+        pairs = Pairs(shards, data["captions"], text, "train", cache=str(cache))
+    assert pairs.table.built and not os.path.islink(path) and target.read_bytes() == b"precious"
+    assert_same_pairs(pairs, LegacyPairs(shards, data["captions"], text, "train"))

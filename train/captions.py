@@ -43,6 +43,7 @@ import xxhash
 from regionbert.data import ShardError, ShardSet
 
 from .text import Text, iter_manifest
+from .text import _manifest_ext as manifest_ext
 
 MAGIC = b"RBCAPTS1"
 VERSION = 1
@@ -60,8 +61,11 @@ class CaptionTableError(ValueError):
 # ----------------------------------------------------------------------------- inputs and names
 def file_digest(path: str) -> str:
     """xxh3_128 of a file's bytes, read in 4 MB blocks."""
-    with open(path, "rb") as f:
-        return _digest_rest(f)
+    try:
+        with open(path, "rb") as f:
+            return _digest_rest(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
 
 
 def _digest_rest(f) -> str:
@@ -92,6 +96,7 @@ def shard_identity(shards: ShardSet) -> list[str]:
 
 def table_key(shards: ShardSet, manifest: str, text: Text, split: str | None) -> tuple[str, dict]:
     """(hex digest naming the table, the inputs it digests)."""
+    manifest_ext(manifest)  # a manifest that is missing or of no known kind is named as read_manifest names it
     inputs = {"version": VERSION, "manifest": file_digest(manifest),
               "manifest_ext": os.path.splitext(manifest)[1].lower(), "split": split,
               "tokenizer": file_digest(text.path), "tokenizer_kind": os.path.splitext(text.path)[1],
@@ -227,14 +232,18 @@ def open_table(shards: ShardSet, manifest: str, text: Text, split: str | None = 
     except OSError as e:
         raise ValueError(f"{cache}: cannot create the captions table folder ({e.strerror}); set data.captions_cache "
                          "to a writable folder") from None
-    with _folder_lock(cache):
-        table = _try_open(path, key)  # another rank built it while this one waited
-        if table is not None:
-            return table
-        for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # a build killed midway (we hold the lock)
-            with contextlib.suppress(OSError):
-                os.unlink(stale)
-        build_table(shards, manifest, text, split, path, key, inputs)
+    try:
+        with _folder_lock(cache):
+            table = _try_open(path, key)  # another rank built it while this one waited
+            if table is not None:
+                return table
+            for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # a build killed midway (we hold the lock)
+                with contextlib.suppress(OSError):
+                    os.unlink(stale)
+            build_table(shards, manifest, text, split, path, key, inputs)
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        raise ValueError(f"{cache}: cannot write the captions table there ({e.strerror}); set data.captions_cache to "
+                         "a writable folder, or prebuild it with `regionbert-pretrain CONFIG --prepare-only`") from None
     return CaptionTable(path, key, built=True)
 
 
