@@ -145,3 +145,20 @@ def test_buffers_of_workers_that_are_gone_are_let_go(data):
         del got
     assert len(loader.receiver.buffers) <= 8 + 1  # the last pass's ring and the batch still held
     assert torch.equal(kept["features"], expected[-1]["features"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_worker_buffers_are_pinned_once_and_copied_to_the_device_as_they_are(data):
+    from regionbert.train.data import DeviceFeed
+    cfg = _cfg(data)
+    _, _, _, ref = build_data(cfg, None, num_workers=0)
+    _, _, _, loader = build_data(cfg, None, num_workers=2)
+    assert not loader.pin_memory and loader.receiver.pin  # no pinned copy per batch: the buffers are pinned
+    feed, host = DeviceFeed(loader, "cuda"), iter(ref)
+    for _ in range(30):
+        batch, _ = feed.next()
+        expected = next(host)
+        assert torch.equal(batch["features"].cpu(), expected["features"].float())
+        assert torch.equal(batch["input_ids"].cpu(), expected["input_ids"])
+        feed.preload()
+    assert loader.receiver._registered and loader.receiver.received <= 2 * 8 * 3

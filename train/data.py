@@ -517,6 +517,7 @@ class Receiver:
         self.held: list[tuple[int, int]] = []  # slots whose batch may still be alive
         self.received = 0  # buffers received (allocated by workers)
         self._flags: dict[int, torch.Tensor] = {}
+        self._registered: set[int] = set()  # addresses of the buffers pinned here
 
     def __call__(self, batch):
         if not isinstance(batch, dict) or "_wire" not in batch:
@@ -551,16 +552,19 @@ class Receiver:
 
     def _pinned(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
         if self.pin and storage.nbytes():
-            if torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0) == 0 \
+            # flag 1: cudaHostRegisterPortable, as torch.cuda._pin_memory_utils (pinned for every context)
+            if int(torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), 1)) == 0 \
                     and torch.empty(0, dtype=torch.uint8).set_(storage).is_pinned():
+                self._registered.add(storage.data_ptr())
                 return storage
             self.pin = False  # not possible here: to_device copies from pageable memory instead
         return storage
 
     def _drop(self, key) -> None:
         old = self.buffers.pop(key, None)  # a slot replaced only once free: nothing refers to it
-        if old is not None and self.pin:
-            torch.cuda.cudart().cudaHostUnregister(old.data_ptr())
+        if old is not None and old.data_ptr() in self._registered:
+            self._registered.discard(old.data_ptr())
+            int(torch.cuda.cudart().cudaHostUnregister(old.data_ptr()))
 
     def forget(self) -> None:
         """Let go of the buffers of workers that are gone (a loader without persistent workers starts new
@@ -573,7 +577,7 @@ class Receiver:
     def __del__(self):
         # pinned buffers must be unregistered before they are unmapped: a buffer a batch still uses is kept
         # mapped (and registered) for the life of the process rather than unmapped while registered
-        if self.pin:
+        if self._registered:
             self.release()
             _KEEP.extend(self.buffers[k] for k in self.held)
             self.held = []
