@@ -735,6 +735,17 @@ class TokenBucketSampler:
         return 1 - real / padded
 
 
+def _compact(batches: list[list[int]], other: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An epoch's batches kept as (starts, flat int32 pair indices, other image per pair as int32): 8 bytes a
+    pair where lists of Python ints take about 40 (the stream is kept for the epoch)."""
+    sizes = np.fromiter(map(len, batches), np.int64, len(batches))
+    starts = np.zeros(len(batches) + 1, np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    dtype = np.int32 if len(other) < 2**31 else np.int64  # pair and image indices
+    flat = np.fromiter(itertools.chain.from_iterable(batches), dtype, int(starts[-1]))
+    return starts, flat, other.astype(dtype)
+
+
 class TaskSampler:
     """An endless stream of batches of dataset keys (task, pair, other_image, seed), one task per batch.
 
@@ -852,17 +863,19 @@ class TaskSampler:
         rounds, g = self._itm[1], j
         for r in itertools.count():
             if r == len(rounds):
-                rounds.append(self.itm_batches(epoch, r))
-            batches, other = rounds[r]
-            if g < len(batches) // W:
+                rounds.append(_compact(*self.itm_batches(epoch, r)))
+            starts, flat, other = rounds[r]
+            count = len(starts) - 1
+            if g < count // W:
                 break
-            if not len(batches) // W:
-                raise ValueError(f"ITM's stream has {len(batches)} batches, fewer than the {W} processes: "
+            if not count // W:
+                raise ValueError(f"ITM's stream has {count} batches, fewer than the {W} processes: "
                                  "lower data.token_budget or use more data")
-            g -= len(batches) // W
+            g -= count // W
         b = g * W + self.process_rank
-        return [("itm", p, int(other[p]), (self.seed, epoch, 0xFFFFFFFF - r, b, j))
-                for j, p in enumerate(batches[b])]
+        batch = flat[starts[b]:starts[b + 1]].tolist()
+        return [("itm", p, int(o), (self.seed, epoch, 0xFFFFFFFF - r, b, j))
+                for j, (p, o) in enumerate(zip(batch, other[batch].tolist(), strict=True))]
 
     def negatives(self, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """For each image in own, another image: near it in box count (see above), never itself."""
