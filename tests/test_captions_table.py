@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -323,22 +324,36 @@ def test_prepare_only_builds_the_train_and_eval_tables_that_the_run_then_reads(d
     assert {p: os.stat(p).st_mtime_ns for p in tables(cache)} == stamps  # read, not built again
 
 
-def test_default_cache_is_the_run_folder_when_the_manifest_folder_is_read_only(data, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    shutil.copy(data["captions"], folder / "captions.csv")
-    os.chmod(folder, 0o555)
+def test_default_cache_is_the_run_folder_when_the_manifest_folder_is_read_only(data):
+    """As a user who may not write beside the manifest (uid 65534, or root without DAC override): the tables go
+    to RUN/captions and nothing appears beside the manifest."""
+    from test_readonly import _restricted
+
+    prefix, uid, how = _restricted()
+    base = tempfile.mkdtemp(prefix="regionbert-captions-")  # under /tmp: reachable by another uid
+    folder, run = os.path.join(base, "ro"), os.path.join(base, "run")
     try:
-        args = [f"--set=data.{k}={json.dumps(v)}" for k, v in data.items()] + [f"--set={o}" for o in TINY]
-        args += [f"--set=data.captions={json.dumps(str(folder / 'captions.csv'))}", "--out", str(tmp_path / "run")]
-        assert main([*args, "--prepare-only"]) == 0
-        assert os.listdir(folder) == ["captions.csv"]
-        assert len(tables(tmp_path / "run" / "captions")) == 2
+        os.chmod(base, 0o755)
+        os.makedirs(folder)
+        os.makedirs(run)
+        shutil.copytree(data["shards"], os.path.join(base, "shard"))
+        for p in (data["captions"], data["tokenizer"]):
+            shutil.copy(p, folder)
+        os.chmod(folder, 0o555)
+        if uid is not None:
+            os.chown(run, uid, uid)
+        sets = {"data.shards": os.path.join(base, "shard"), "data.captions": os.path.join(folder, "captions.csv"),
+                "data.tokenizer": os.path.join(folder, "vocab.txt")}
+        args = [f"--set={k}={json.dumps(v)}" for k, v in sets.items()] + [f"--set={o}" for o in TINY]
+        r = subprocess.run([*prefix, sys.executable, "-m", "regionbert.train.cli", *args, "--out", run,
+                            "--prepare-only"], capture_output=True, text=True, cwd="/", timeout=300,
+                           env={**ENV, "HOME": run, "PYTHONDONTWRITEBYTECODE": "1"})
+        assert r.returncode == 0, f"{how}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+        assert sorted(os.listdir(folder)) == ["captions.csv", "vocab.txt"]
+        assert len(tables(os.path.join(run, "captions"))) == 2 and r.stdout.count("(built)") == 2
     finally:
         os.chmod(folder, 0o755)
-
+        shutil.rmtree(base)
 
 
 def test_a_missing_manifest_an_unusable_cache_and_a_planted_link_are_refused_or_replaced(data, tmp_path):
