@@ -45,15 +45,15 @@ PER_IMAGE = 5
 
 
 # ----------------------------------------------------------------------------- data
-def make_shard(path: str, n: int, prefix: str) -> None:
+def make_shard(path: str, n: int, prefix: str, dim: int = 16) -> None:
     from regionbert.data.synth import REAL_CLASSES, write_synthetic_shard
     if not os.path.exists(os.path.join(path, "data.mdb")):
-        write_synthetic_shard(path + ".partial", n, feature_dim=16, min_boxes=2, max_boxes=10, seed=0,
+        write_synthetic_shard(path + ".partial", n, feature_dim=dim, min_boxes=2, max_boxes=10, seed=0,
                               id_prefix=prefix, classes=REAL_CLASSES[:8])
         os.rename(path + ".partial", path)
 
 
-def make_corpus(out: str, sizes: list[int]) -> list[dict]:
+def make_corpus(out: str, sizes: list[int], dim: int = 16) -> list[dict]:
     """Shards of sizes[0] images each (written two at a time), a manifest and a vocab per size."""
     import numpy as np
     import pandas as pd
@@ -62,23 +62,24 @@ def make_corpus(out: str, sizes: list[int]) -> list[dict]:
     step = sizes[0]
     if any(s % step for s in sizes):
         raise SystemExit(f"--images {sizes}: each size must be a multiple of the first")
-    shards = [os.path.join(out, f"shard-{i:02d}") for i in range(max(sizes) // step)]
+    tag = "" if dim == 16 else f"{dim}d-"  # 16-d shards keep their first names
+    shards = [os.path.join(out, f"shard-{tag}{i:02d}") for i in range(max(sizes) // step)]
     todo = [(p, i) for i, p in enumerate(shards) if not os.path.exists(os.path.join(p, "data.mdb"))]
     t = time.perf_counter()
     for a in range(0, len(todo), 2):  # two processes at a time (two cores)
-        procs = [subprocess.Popen([sys.executable, __file__, "--make-shard", p, str(step), f"s{i:02d}"])
+        procs = [subprocess.Popen([sys.executable, __file__, "--make-shard", p, str(step), f"s{i:02d}", str(dim)])
                  for p, i in todo[a:a + 2]]
         if any(p.wait() for p in procs):
             raise SystemExit("writing a synthetic shard failed")
     if todo:
         print(f"wrote {len(todo)} shards of {step} images in {time.perf_counter() - t:.0f}s", flush=True)
     vocab = os.path.join(out, "vocab.txt")
-    with open(vocab, "w") as f:
+    with open(vocab, "w") as f:  # (shared by every dim)
         f.write("\n".join(SPECIAL + WORDS) + "\n")
     corpora = []
     for size in sizes:
         use = shards[:size // step]
-        manifest = os.path.join(out, f"captions-{size}.csv")
+        manifest = os.path.join(out, f"captions-{tag}{size}.csv")
         if not os.path.exists(manifest):
             rng = np.random.default_rng(size)
             ids = np.array([k for s in use for k in ShardSet(s).keys()])
@@ -213,7 +214,9 @@ def run_one(corpus: dict, pythonpath: str | None, cache: str | None, work: str, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", default="c3b0d1d", help="the commit to compare with (before the captions table)")
-    p.add_argument("--images", type=int, nargs=2, default=[40000, 160000])
+    p.add_argument("--images", type=int, nargs="+", default=[40000, 160000], help="two sizes (or one, without slopes)")
+    p.add_argument("--dim", type=int, default=16, help="feature dim of the shards (16; 2048 to compare start-up)")
+    p.add_argument("--now-only", action="store_true", help="only this tree (cold, warm), not --before")
     p.add_argument("--out", default=os.path.join(HERE, "out", "scale"))
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--warm", type=int, default=10)
@@ -221,30 +224,32 @@ def main() -> None:
     p.add_argument("--json")
     # child mode
     p.add_argument("--child", action="store_true")
-    p.add_argument("--make-shard", nargs=3)
+    p.add_argument("--make-shard", nargs=4)
     for a in ("--captions", "--tokenizer", "--workdir", "--result", "--cache"):
         p.add_argument(a)
     p.add_argument("--shards", nargs="+")
     args = p.parse_args()
     if args.make_shard:
-        return make_shard(args.make_shard[0], int(args.make_shard[1]), args.make_shard[2])
+        return make_shard(args.make_shard[0], int(args.make_shard[1]), args.make_shard[2], int(args.make_shard[3]))
     if args.child:
         return child(args)
     os.makedirs(args.out, exist_ok=True)
-    corpora = make_corpus(args.out, args.images)
+    corpora = make_corpus(args.out, args.images, args.dim)
     work = tempfile.mkdtemp(dir=args.out, prefix="work-")
     before = checkout(args.before, os.path.join(work, "before"))
     rows = {}
     for c in corpora:
         n = c["captions_n"]
-        rows[("before", n)] = run_one(c, before, None, work, args)
-        print(f"before {n}: {summary(rows[('before', n)])}", flush=True)
+        if not args.now_only:
+            rows[("before", n)] = run_one(c, before, None, work, args)
+            print(f"before {n}: {summary(rows[('before', n)])}", flush=True)
         cache = os.path.join(work, f"cache-{n}")
         rows[("now cold", n)] = run_one(c, None, cache, work, args)
         print(f"now cold {n}: {summary(rows[('now cold', n)])}", flush=True)
         rows[("now warm", n)] = run_one(c, None, cache, work, args)
         print(f"now warm {n}: {summary(rows[('now warm', n)])}", flush=True)
-    print(table(rows, [c["captions_n"] for c in corpora]))
+    if len(corpora) == 2 and not args.now_only:
+        print(table(rows, [c["captions_n"] for c in corpora]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{k[0]} {k[1]}": v for k, v in rows.items()}, f, indent=1)
