@@ -233,11 +233,12 @@ def open_table(shards: ShardSet, manifest: str, text: Text, split: str | None = 
         raise ValueError(f"{cache}: cannot create the captions table folder ({e.strerror}); set data.captions_cache "
                          "to a writable folder") from None
     try:
-        with _folder_lock(cache):
+        with _folder_lock(cache) as locked:
             table = _try_open(path, key)  # another rank built it while this one waited
             if table is not None:
                 return table
-            for stale in glob.glob(glob.escape(path) + ".tmp-*"):  # a build killed midway (we hold the lock)
+            # a build killed midway; only under the lock (without one, another process may be writing its own)
+            for stale in glob.glob(glob.escape(path) + ".tmp-*") if locked else ():
                 with contextlib.suppress(OSError):
                     os.unlink(stale)
             build_table(shards, manifest, text, split, path, key, inputs)
@@ -250,7 +251,7 @@ def open_table(shards: ShardSet, manifest: str, text: Text, split: str | None = 
 def _try_open(path: str, key: str) -> CaptionTable | None:
     try:
         return CaptionTable(path, key)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not built yet (or no cache folder: said when creating it)
         return None
     except (CaptionTableError, OSError, ValueError) as e:
         warnings.warn(f"{path}: captions table not usable ({e}); building it again", stacklevel=3)
@@ -265,10 +266,12 @@ def _folder_lock(folder: str):
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
-        yield
+            locked = False
+        yield locked
     finally:
         os.close(fd)  # releases the lock
 
