@@ -1,6 +1,17 @@
 import pytest
+import torch
 
 from regionbert.data.synth import write_synthetic_shard
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's thread count leaves it as it found it: later tests compare what they run in
+    this process with what a subprocess runs at the default count (a random detector's calibrated norms,
+    so its weights digest and its boxes, differ in the last bits between 1 and 2 threads)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

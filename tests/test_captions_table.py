@@ -122,7 +122,7 @@ def test_batches_masks_and_losses_equal_the_old_pairs(data, tmp_path, monkeypatc
         if n == 60:
             break
     assert n == 60
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # (tests/conftest.py sets it back after the test)
     args = [f"--set={o}" for o in overrides]
     assert main([*args, "--out", str(tmp_path / "new")]) == 0
     with monkeypatch.context() as m:
