@@ -145,8 +145,8 @@ def pretrain_args(data: dict, shard_dir: str, run_dir: str, steps: int, seed: in
     (2 layers, 128 wide, FFN 256), no dropout (a step 15% faster on a CPU, and 1,200 captions do not
     overfit a 0.3M-parameter model), lr 1.5e-3 after 60 warm-up steps, 4096 tokens a batch, and a held-out
     evaluation every 150 steps (curves.png) and at the end. 1,300 steps: over pretraining seeds, detector
-    seeds (bench/README.md, "Robustness") ITM's training loss left ln 2 between steps 275 and 525 and
-    held-out ITM ended at 0.901-0.953, so the run spends more than half its steps above chance."""
+    seeds and thread counts (bench/README.md, "Robustness") ITM's training loss left ln 2 between steps 275 and 525 and
+    held-out ITM ended at 0.898-0.952, so the run spends more than half its steps above chance."""
     sets = {"data.shards": [shard_dir], "data.captions": data["captions"], "data.tokenizer": data["vocab"],
             "data.split": "train", "data.num_workers": 1, "data.token_budget": 4096,
             "model.hidden_size": 128, "model.num_layers": 2, "model.num_heads": 4, "model.intermediate_size": 256,
