@@ -47,6 +47,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the synthetic caption writer the tests use
 
 import numpy as np  # noqa: E402
+from gitcheckout import checkout  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -174,21 +175,6 @@ def measure(args) -> dict:
     out["samples_per_pass"] = sum(map(len, keys))
     out["token_budget"] = cfg.data.token_budget
     return out
-
-
-def checkout(commit: str, into: str) -> str:
-    """The package folders of a commit of this repository, importable as regionbert (for PYTHONPATH)."""
-    src = os.path.join(into, "src")
-    os.makedirs(src)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "data", "extract", "train"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
-    pkg = os.path.join(into, "pkg", "regionbert")
-    os.makedirs(pkg)
-    open(os.path.join(pkg, "__init__.py"), "w").close()
-    for name in ("data", "extract", "train"):
-        os.symlink(os.path.join(src, name), os.path.join(pkg, name))
-    return os.path.join(into, "pkg")
 
 
 def spread(values: list[float], fmt: str) -> str:

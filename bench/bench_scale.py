@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from gitcheckout import checkout  # bench/, the script's folder, is on sys.path
+
 T0 = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -94,21 +96,6 @@ def make_corpus(out: str, sizes: list[int], dim: int = 16) -> list[dict]:
         corpora.append({"shards": use, "captions": manifest, "tokenizer": vocab, "images": size,
                         "captions_n": size * PER_IMAGE})
     return corpora
-
-
-def checkout(commit: str, into: str) -> str:
-    """The package folders of a commit of this repository, importable as regionbert (for PYTHONPATH)."""
-    src = os.path.join(into, "src")
-    os.makedirs(src)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "data", "extract", "train"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
-    pkg = os.path.join(into, "pkg", "regionbert")
-    os.makedirs(pkg)
-    open(os.path.join(pkg, "__init__.py"), "w").close()
-    for name in ("data", "extract", "train"):
-        os.symlink(os.path.join(src, name), os.path.join(pkg, name))
-    return os.path.join(into, "pkg")
 
 
 # ----------------------------------------------------------------------------- one rank (under torchrun)
