@@ -39,3 +39,19 @@ def negatives(pairs, seed=1):
     sampler = TaskSampler.__new__(TaskSampler)  # only its negative drawing, over the held-out images
     TaskSampler.__init__(sampler, None, pairs, {"itm": 1}, seed)
     return sampler.negatives(pairs.image, np.random.default_rng(seed))
+
+
+# A writer that pauses after 10 of its 40 records until told to go on (a line on stdin): a real process
+# holding the shard's writer lock (python -c PAUSED_WRITER SHARD).
+PAUSED_WRITER = """
+import sys
+from regionbert.data.synth import write_synthetic_shard
+done = [0]
+def progress(n):
+    done[0] += n
+    if done[0] == 10:
+        print("ready", flush=True)
+        sys.stdin.readline()
+write_synthetic_shard(sys.argv[1], 40, feature_dim=16, min_boxes=0, max_boxes=5, seed=3, progress=progress)
+print("finished", flush=True)
+"""

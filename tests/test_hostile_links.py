@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import PAUSED_WRITER
 from PIL import Image
 from train_synth import write_dataset
 
@@ -24,19 +25,6 @@ from regionbert.data.synth import write_synthetic_shard
 
 VICTIM_TEXT = "the reader's own file: must not change\n" * 10
 
-# A writer that pauses after 10 records until told to go on (a line on stdin): a real process holding the lock.
-FIRST = """
-import sys
-from regionbert.data.synth import write_synthetic_shard
-done = [0]
-def progress(n):
-    done[0] += n
-    if done[0] == 10:
-        print("ready", flush=True)
-        sys.stdin.readline()
-write_synthetic_shard(sys.argv[1], 40, feature_dim=16, min_boxes=0, max_boxes=5, seed=3, progress=progress)
-print("finished", flush=True)
-"""
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -105,7 +93,7 @@ def test_writer_refuses_a_planted_lock_link_inside_the_shard(tmp_path):
 # ---- item 2: the lock binds to the shard folder, whatever path reaches it -------------------------------------
 
 def _first_writer(shard: str) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", FIRST, shard], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", PAUSED_WRITER, shard], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd="/")
     assert p.stdout.readline().strip() == "ready", p.stderr.read()
     return p
@@ -141,7 +129,7 @@ def test_one_process_two_paths_of_one_folder(tmp_path):
 SECOND_MOUNT = f"""
 import json, subprocess, sys
 a, b = sys.argv[1], sys.argv[2]
-first = subprocess.Popen([sys.executable, "-c", {FIRST!r}, a], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+first = subprocess.Popen([sys.executable, "-c", {PAUSED_WRITER!r}, a], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
 ready = first.stdout.readline().strip()
 second = subprocess.run([sys.executable, "-m", "regionbert.data.cli", "synth", b, "-n", "40", "--dim", "16",

@@ -9,29 +9,16 @@ import subprocess
 import sys
 
 import pytest
+from helpers import PAUSED_WRITER
 
 from regionbert.data import ShardError, ShardReader, ShardWriter, verify_shard
 from regionbert.data.cli import main as shards_main
 from regionbert.data.lock import ShardBusyError, lock_path
 from regionbert.data.synth import write_synthetic_shard
 
-# The first writer: a real synthetic shard, paused after 10 records until told to go on (a line on stdin).
-FIRST = """
-import sys
-from regionbert.data.synth import write_synthetic_shard
-done = [0]
-def progress(n):
-    done[0] += n
-    if done[0] == 10:
-        print("ready", flush=True)
-        sys.stdin.readline()
-write_synthetic_shard(sys.argv[1], 40, feature_dim=16, min_boxes=0, max_boxes=5, seed=3, progress=progress)
-print("finished", flush=True)
-"""
-
 
 def _first_writer(shard: str) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", FIRST, shard, "--tag-for-the-lock"], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", PAUSED_WRITER, shard, "--tag-for-the-lock"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     assert p.stdout.readline().strip() == "ready", p.stderr.read()
     return p
