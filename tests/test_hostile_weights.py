@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from regionbert.extract import butd
+from regionbert.extract import butd, butd_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"a": (3, 4), "b": (2,)}  # a table of our own for read_weights: the real one has 65M values
@@ -216,13 +216,13 @@ def _numeric():
 ])
 def test_a_refused_pickle_cannot_change_the_admitted_helpers(tmp_path, module, name, state):
     numeric = _numeric()
-    before = (butd._latin1_encode.__defaults__, dict(butd._latin1_encode.__dict__),
+    before = (butd_weights._latin1_encode.__defaults__, dict(butd_weights._latin1_encode.__dict__),
               numeric._frombuffer.__kwdefaults__, dict(numeric._frombuffer.__dict__))
     path = tmp_path / "build.pkl"
     path.write_bytes(_build_then_refuse(module, name, state))
     with pytest.raises(butd.WeightsError, match=r"build\.pkl"):
         butd.read_weights(str(path), shapes=SMALL)
-    after = (butd._latin1_encode.__defaults__, dict(butd._latin1_encode.__dict__),
+    after = (butd_weights._latin1_encode.__defaults__, dict(butd_weights._latin1_encode.__dict__),
              numeric._frombuffer.__kwdefaults__, dict(numeric._frombuffer.__dict__))
     assert after == before
     assert not hasattr(np.ndarray, "pwned") and not hasattr(np.dtype, "pwned")
