@@ -1,10 +1,12 @@
 """The captions table (train/captions.py, issue 24 items 2, 3): the same pairs, batches and losses as the
-old Pairs (tests/legacy_pairs.py); rebuilt when the manifest, tokenizer, max length or shards change and
-reused otherwise; a build killed with kill -9 leaves nothing a later run reads; two ranks under torchrun
-build it once and agree; a caption whose image is in no shard is named by its row."""
+old Pairs (tests/legacy_pairs.py) and the old sampler's lists of batches (legacy_batches, below); rebuilt
+when the manifest, tokenizer, max length or shards change and reused otherwise; a build killed with
+kill -9 leaves nothing a later run reads; two ranks under torchrun build it once and agree; a caption
+whose image is in no shard is named by its row."""
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -28,7 +30,7 @@ from regionbert.train import run as run_module
 from regionbert.train.captions import HEADER_BYTES
 from regionbert.train.cli import main
 from regionbert.train.config import load_config
-from regionbert.train.data import Pairs
+from regionbert.train.data import Batches, Pairs, TaskSampler, TokenBucketSampler
 from regionbert.train.run import build_data
 from regionbert.train.text import Text
 
@@ -50,7 +52,7 @@ def assert_same_pairs(new, old):
     assert len(new) == len(old) and new.num_images == old.num_images
     assert np.array_equal(new.image, old.image) and np.array_equal(new.pool, old.pool)
     assert np.array_equal(new.num_boxes, old.num_boxes) and np.array_equal(new.lengths, old.lengths)
-    assert new.lengths.dtype == old.lengths.dtype
+    assert new.lengths.dtype == np.int32 and new.num_boxes.dtype == np.int32  # 4 bytes a pair (old: int64)
     for p in range(len(old)):
         assert new.tokens[p].dtype == old.tokens[p].dtype and np.array_equal(new.tokens[p], old.tokens[p])
     assert list(new.image_ids) == old.image_ids
@@ -63,7 +65,70 @@ def digest(pairs) -> str:
     return h.hexdigest()
 
 
+def legacy_batches(self, epoch, lengths=None, rng=None) -> list[list[int]]:
+    """TokenBucketSampler.batches as it was before its compact form (commit 010e373): lists of Python ints."""
+    rng = np.random.default_rng([self.seed, epoch]) if rng is None else rng
+    lengths = self.lengths if lengths is None else np.asarray(lengths)
+    order = rng.permutation(len(lengths))
+    out = []
+    for start in range(0, len(order), self.bucket_size):
+        bucket = order[start:start + self.bucket_size]
+        if self.sort:
+            bucket = bucket[np.argsort(-lengths[bucket], kind="stable")]
+            lens, i = lengths[bucket].tolist(), 0
+            while i < len(lens):
+                size = self.max_batch_size if lens[i] <= 0 else \
+                    max(1, min(self.budget // lens[i], self.max_batch_size))
+                out.append(bucket[i:i + size].tolist())
+                i += size
+            continue
+        batch, longest = [], 0
+        for i in bucket.tolist():
+            n = max(longest, int(lengths[i]))
+            if batch and (n * (len(batch) + 1) > self.budget or len(batch) >= self.max_batch_size):
+                out.append(batch)
+                batch, n = [], int(lengths[i])
+            batch.append(i)
+            longest = n
+        if batch:
+            out.append(batch)
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def legacy_as_batches(self, epoch, lengths=None, rng=None) -> Batches:
+    """The old sampler's lists, handed to TaskSampler in the form it takes now (the same pairs, in order)."""
+    lists = legacy_batches(self, epoch, lengths, rng)
+    starts = np.cumsum([0] + [len(b) for b in lists], dtype=np.int64)
+    return Batches(starts, np.array([p for b in lists for p in b], np.int32))
+
+
 # ----------------------------------------------------------------------------- the same as before
+def test_compact_batches_equal_the_old_lists(data, tmp_path, monkeypatch):
+    """The epoch's batches and ITM's stream (one flat int32 array cut at boundaries) hold the old sampler's
+    lists exactly: random lengths (zeros included), budgets, bucket sizes, caps, sorted and plain; and
+    a TaskSampler's keys (pairs, shown images, seeds) over three epochs with every task."""
+    rs = np.random.default_rng(0)
+    for t in range(200):
+        lengths = rs.integers(0 if t % 5 == 0 else 1, 300, int(rs.integers(0, 2500))).astype(np.int32)
+        s = TokenBucketSampler(lengths, int(rs.integers(1, 2000)), bucket_size=int(rs.integers(1, 3000)),
+                               sort=bool(t % 3), seed=t, max_batch_size=[None, int(rs.integers(1, 40))][t % 2])
+        new, old = s.batches(t % 4), legacy_batches(s, t % 4)
+        assert new.flat.dtype == np.int32 and new == old and [list(b) for b in new] == old, t
+        assert all(type(p) is int for b in new for p in b)  # keys hold Python ints, as before
+    pairs = Pairs(ShardSet(data["shards"]), data["captions"], Text(data["tokenizer"], 24), "train",
+                  cache=str(tmp_path))
+    mix = {"mlm": 1, "mrfr": 1, "mrc": 1, "itm": 2}
+
+    def stream(batches, n=120):
+        with monkeypatch.context() as m:
+            m.setattr(TokenBucketSampler, "batches", batches)
+            return list(itertools.islice(TaskSampler(TokenBucketSampler(pairs.lengths, 300, seed=3), pairs, mix,
+                                                     seed=3, rank=1, world_size=2), n))
+    new, old = stream(TokenBucketSampler.batches), stream(legacy_as_batches)
+    assert new == old and sum(b[0][0] == "itm" for b in new) > 10
+    assert all(type(k[1]) is int and type(k[2]) is int for b in new for k in b)
+
+
 @pytest.mark.parametrize("ext", [".csv", ".tsv", ".jsonl", ".parquet"])
 def test_table_gives_the_old_pairs_for_every_split_and_format(data, tmp_path, ext):
     df = pd.read_csv(data["captions"], dtype=str)
@@ -107,8 +172,9 @@ def test_batches_masks_and_losses_equal_the_old_pairs(data, tmp_path, monkeypatc
     overrides = [f"data.{k}={json.dumps(v)}" for k, v in data.items()] + TINY
     cfg = load_config(None, overrides + [f"run.out={tmp_path / 'cfg'}"])
     _, _, _, new_loader = build_data(cfg, "train")
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m:  # "old": the old Pairs and the old sampler's lists of batches
         m.setattr(run_module, "Pairs", LegacyPairs)
+        m.setattr(TokenBucketSampler, "batches", legacy_as_batches)
         _, _, _, old_loader = build_data(load_config(None, overrides + [f"run.out={tmp_path / 'cfg'}"]), "train")
     n = 0
     for a, b in zip(new_loader, old_loader, strict=False):
@@ -127,6 +193,7 @@ def test_batches_masks_and_losses_equal_the_old_pairs(data, tmp_path, monkeypatc
     assert main([*args, "--out", str(tmp_path / "new")]) == 0
     with monkeypatch.context() as m:
         m.setattr(run_module, "Pairs", LegacyPairs)
+        m.setattr(TokenBucketSampler, "batches", legacy_as_batches)
         assert main([*args, "--out", str(tmp_path / "old")]) == 0
     new, old = _log(tmp_path / "new"), _log(tmp_path / "old")
     def kept(log):  # losses and held-out metrics, not timings
@@ -200,7 +267,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from regionbert.data import ShardSet
 from regionbert.train import captions
-from regionbert.train.data import Pairs
+from regionbert.train.data import Batches, Pairs, TaskSampler, TokenBucketSampler
 from regionbert.train.text import Text
 captions.CHUNK_ROWS = 10  # many small blocks: a build long enough to be killed midway
 Pairs(ShardSet({shards!r}), {manifest!r}, Text({vocab!r}, 24), None, cache={cache!r})
@@ -242,7 +309,7 @@ RANK = """
 import hashlib, json, os, sys
 import numpy as np
 from regionbert.data import ShardSet
-from regionbert.train.data import Pairs
+from regionbert.train.data import Batches, Pairs, TaskSampler, TokenBucketSampler
 from regionbert.train.text import Text
 pairs = Pairs(ShardSet({shards!r}), {manifest!r}, Text({vocab!r}, 24), "train", cache={cache!r})
 h = hashlib.sha256()

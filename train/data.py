@@ -56,8 +56,10 @@ class Pairs:
         self._views()
         self.image_ids = ImageIds(shards, self.table)
         # from each shard's box-count table (or its record headers), never reading features (issue 24 item 1)
-        self.num_boxes = np.minimum(shards.box_counts()[self.pool], max_regions).astype(np.int64)
-        self.lengths = self.table.lengths.astype(np.int64) + self.num_boxes[self.image]  # text + regions
+        # int32, 4 bytes a pair or image (a text + regions length is small): the samplers read them every epoch
+        self.num_boxes = np.minimum(shards.box_counts()[self.pool], max_regions).astype(np.int32)
+        self.lengths = self.num_boxes[self.image]  # text + regions, summed in place (no second temporary)
+        self.lengths += self.table.lengths
 
     def _views(self) -> None:
         self.tokens = TokenRows(self.table)
@@ -76,6 +78,13 @@ class Pairs:
     @property
     def num_images(self) -> int:
         return len(self.pool)
+
+
+def text_lengths(pairs) -> np.ndarray:
+    """Each pair's text length: the captions table's own lengths (a view of its shared pages, nothing owned),
+    or for pairs without a table (tests' reference pairs) their lengths less their images' regions."""
+    table = getattr(pairs, "table", None)
+    return table.lengths if table is not None else np.asarray(pairs.lengths) - pairs.num_boxes[pairs.image]
 
 
 class TokenRows:
@@ -133,7 +142,7 @@ class PairDataset(torch.utils.data.Dataset):
         # images whose record passed the record rules in this process: a shard is immutable, so each is
         # checked once (a byte per image, as Pairs keeps per pair), and a later epoch's batches cost nothing
         self._checked = np.zeros(pairs.num_images, dtype=bool)
-        self._text_lens = np.asarray(pairs.lengths) - pairs.num_boxes[pairs.image]  # each pair's text length
+        self._text_lens = text_lengths(pairs)  # each pair's text length: the table's shared int16 array
         self._pool = pairs.pool  # image -> ShardSet index (the table's shared array, not a list of ints: issue 24)
         self.ring_slots = 8  # shared batch buffers per loader worker (build_data: prefetch_factor + 4)
 
@@ -697,34 +706,51 @@ class TokenBucketSampler:
         self.max_batch_size = max_batch_size or len(self.lengths)
 
     def batches(self, epoch: int, lengths: np.ndarray | None = None,
-                rng: np.random.Generator | None = None) -> list[list[int]]:
-        """An epoch's batches of pair indices; lengths and rng: other lengths (ITM's real ones) and draws."""
+                rng: np.random.Generator | None = None) -> Batches:
+        """An epoch's batches of pair indices; lengths and rng: other lengths (ITM's real ones) and draws.
+
+        Kept as one flat array of pair indices cut at batch boundaries (Batches: 4 bytes a pair), not lists
+        of Python ints (about 40 bytes a pair, kept for the epoch: issue 24). Each batch is a run of
+        consecutive pairs of its (sorted) bucket, so the buckets are laid end to end and only the cuts are
+        found one batch at a time; then the batches are shuffled as whole runs."""
         rng = np.random.default_rng([self.seed, epoch]) if rng is None else rng
         lengths = self.lengths if lengths is None else np.asarray(lengths)
         order = rng.permutation(len(lengths))
-        out = []
+        flat = np.empty(len(lengths), index_dtype(len(lengths)))
+        sizes = []  # one Python int per batch (not per pair), gone when the epoch's Batches is made
         for start in range(0, len(order), self.bucket_size):
             bucket = order[start:start + self.bucket_size]
             if self.sort:  # longest first: a batch is as many as fit under its first (one step per batch)
                 bucket = bucket[np.argsort(-lengths[bucket], kind="stable")]
-                lens, i = lengths[bucket].tolist(), 0
-                while i < len(lens):
-                    size = self.max_batch_size if lens[i] <= 0 else \
-                        max(1, min(self.budget // lens[i], self.max_batch_size))
-                    out.append(bucket[i:i + size].tolist())
-                    i += size
-                continue
-            batch, longest = [], 0
-            for i in bucket.tolist():
-                n = max(longest, int(lengths[i]))
-                if batch and (n * (len(batch) + 1) > self.budget or len(batch) >= self.max_batch_size):
-                    out.append(batch)
-                    batch, n = [], int(lengths[i])
-                batch.append(i)
-                longest = n
-            if batch:
-                out.append(batch)
-        return [out[i] for i in rng.permutation(len(out))]
+                sizes += self._sorted_cuts(lengths[bucket].tolist())
+            else:
+                sizes += self._plain_cuts(lengths[bucket].tolist())
+            flat[start:start + len(bucket)] = bucket
+        del order
+        return Batches.shuffled(flat, np.array(sizes, np.int64), rng.permutation(len(sizes)))
+
+    def _sorted_cuts(self, lens: list[int]) -> list[int]:
+        """Batch sizes along a bucket sorted longest first: each as many as fit under its first pair."""
+        sizes, i = [], 0
+        while i < len(lens):
+            size = self.max_batch_size if lens[i] <= 0 else max(1, min(self.budget // lens[i], self.max_batch_size))
+            sizes.append(min(size, len(lens) - i))
+            i += size
+        return sizes
+
+    def _plain_cuts(self, lens: list[int]) -> list[int]:
+        """Batch sizes along an unsorted bucket: a batch grows while its size x longest stays in the budget."""
+        sizes, count, longest = [], 0, 0
+        for length in lens:
+            n = max(longest, length)
+            if count and (n * (count + 1) > self.budget or count >= self.max_batch_size):
+                sizes.append(count)
+                count, n = 0, length
+            count += 1
+            longest = n
+        if count:
+            sizes.append(count)
+        return sizes
 
     def padding_fraction(self, epoch: int = 0) -> float:
         """The padding share of one epoch of batches (packed text + regions, as the model sees it)."""
@@ -735,15 +761,57 @@ class TokenBucketSampler:
         return 1 - real / padded
 
 
-def _compact(batches: list[list[int]], other: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An epoch's batches kept as (starts, flat int32 pair indices, other image per pair as int32): 8 bytes a
+def index_dtype(n: int) -> type:
+    """The dtype of indices below n: int32 (4 bytes an index), int64 only past 2**31."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+class Batches(collections.abc.Sequence):
+    """An epoch's batches of pair indices: batch k is flat[starts[k]:starts[k + 1]], given as a list of
+    Python ints when asked for (batches[k]). flat is int32 (index_dtype), starts int64 per batch: about 4
+    bytes a pair for the epoch. Equal to another Batches or to a list of lists with the same batches."""
+
+    def __init__(self, starts: np.ndarray, flat: np.ndarray):
+        self.starts, self.flat = starts, flat
+
+    @classmethod
+    def shuffled(cls, flat: np.ndarray, sizes: np.ndarray, perm: np.ndarray) -> Batches:
+        """Runs of flat (sizes, end to end) reordered as whole runs: new batch k is old run perm[k]."""
+        old = np.zeros(len(sizes) + 1, np.int64)
+        np.cumsum(sizes, out=old[1:])
+        starts = np.zeros(len(sizes) + 1, np.int64)
+        np.cumsum(sizes[perm], out=starts[1:])
+        # where each new position reads from: its run's old start - new start, + the position itself
+        at = np.repeat((old[:-1][perm] - starts[:-1]).astype(flat.dtype), sizes[perm])
+        at += np.arange(len(at), dtype=flat.dtype)
+        return cls(starts, flat[at])
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, k) -> list[int]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        k = operator.index(k)
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"batch {k} out of range for {len(self)} batches")
+        k %= len(self)
+        return self.flat[self.starts[k]:self.starts[k + 1]].tolist()
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Batches):
+            return np.array_equal(self.starts, other.starts) and np.array_equal(self.flat, other.flat)
+        if not isinstance(other, collections.abc.Sequence) or len(other) != len(self):
+            return NotImplemented if not isinstance(other, collections.abc.Sequence) else False
+        return all(a == list(b) for a, b in zip(self, other, strict=True))
+
+    __hash__ = None
+
+
+def _compact(batches: Batches, other: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An epoch's ITM stream kept as (starts, flat pair indices, other image per pair), both int32: 8 bytes a
     pair where lists of Python ints take about 40 (the stream is kept for the epoch)."""
-    sizes = np.fromiter(map(len, batches), np.int64, len(batches))
-    starts = np.zeros(len(batches) + 1, np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    dtype = np.int32 if len(other) < 2**31 else np.int64  # pair and image indices
-    flat = np.fromiter(itertools.chain.from_iterable(batches), dtype, int(starts[-1]))
-    return starts, flat, other.astype(dtype)
+    return batches.starts, batches.flat, other.astype(batches.flat.dtype)
 
 
 class TaskSampler:
@@ -840,7 +908,7 @@ class TaskSampler:
         return [(task, p, int(o), (self.seed, epoch, b, j))
                 for j, (p, o) in enumerate(zip(batch, other.tolist(), strict=True))]
 
-    def itm_batches(self, epoch: int, round_: int) -> tuple[list[list[int]], np.ndarray]:
+    def itm_batches(self, epoch: int, round_: int) -> tuple[Batches, np.ndarray]:
         """One round of ITM's stream in an epoch: (batches of pair indices, the image each pair shows:
         a negative, or -1 for its own). Every pair's negative is drawn (with probability itm_neg_prob),
         then the pairs are bucketed by the lengths they really have (text + the shown image's regions)
