@@ -1,6 +1,7 @@
 """No per-caption or per-image Python objects (issue 24 item 3): what a rank keeps for its data (pairs, dataset,
-samplers, loader) is a fixed number of allocations whatever the corpus, and building the captions table has
-a peak that does not grow with the manifest. Measured with tracemalloc (counts of live blocks and peak
+samplers, loader) is a fixed number of allocations whatever the corpus, a few bytes per caption (int32 arrays,
+the samplers' epoch of batches included), and building the captions table has a peak that does not grow with
+the manifest. Measured with tracemalloc (counts of live blocks and peak
 bytes), never with a clock; each test first checks that the old Pairs (tests/legacy_pairs.py) is caught."""
 
 import gc
@@ -17,8 +18,10 @@ from train_synth import write_vocab
 from regionbert.data import ShardSet
 from regionbert.data.synth import write_synthetic_shard
 from regionbert.train import captions
+from regionbert.train import data as data_module
 from regionbert.train import run as run_module
 from regionbert.train.config import load_config
+from regionbert.train.data import TaskSampler, TokenBucketSampler
 from regionbert.train.run import build_data
 from regionbert.train.text import Text
 
@@ -113,3 +116,63 @@ def test_building_the_table_has_a_peak_that_does_not_grow_with_the_manifest(size
     old = [peak_bytes(lambda m=m: LegacyPairs(shards, m["captions"], text, "train")) for m in (small, large)]
     assert old[1] - old[0] > 100 * added, old  # the measurement sees the old build's per-caption memory
     assert new[1] - new[0] < 8 * added, (new, old)
+
+
+def retained_bytes(make):
+    """(traced bytes that make() leaves allocated, what it returned: kept alive while measuring)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        out = make()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before, out
+    finally:
+        tracemalloc.stop()
+
+
+def sampler_bytes_per_caption(sizes, tmp_path, mix: dict, steps: int = 12) -> float:
+    """Bytes a TaskSampler keeps per caption once iterating (its epoch of batches, ITM's stream), from the
+    slope between the two corpora; the tasks drawn in those steps must be all of mix's."""
+    grown = []
+    for d in sizes:
+        pairs = build_data(config(d, tmp_path), "train")[0]  # warm table, outside the measurement
+
+        def make(pairs=pairs):
+            sampler = TaskSampler(TokenBucketSampler(pairs.lengths, 400, seed=0), pairs, mix, seed=0)
+            it = iter(sampler)
+            return sampler, it, {next(it)[0][0] for _ in range(steps)}
+
+        n, (_, _, tasks) = retained_bytes(make)
+        assert tasks == set(mix), tasks
+        grown.append(n)
+    return (grown[1] - grown[0]) / ((1500 - 300) * PER_IMAGE)
+
+
+def test_the_samplers_keep_their_epoch_as_arrays_not_python_lists(sizes, tmp_path, monkeypatch):
+    """An iterating TaskSampler keeps its epoch's pair batches as one int32 array (4 B a pair) and ITM's stream
+    as two (8 B a pair), plus two int64 arrays per image (by box count): 8 B per caption without ITM, 16.5
+    with it (at 010e373, with lists of Python ints: 46 and 54). Lists of Python ints (an int object and a
+    list slot per pair) coming back in either stream are caught (about +36 B per caption)."""
+    for d in sizes:
+        build_data(config(d, tmp_path), "train")
+    assert sampler_bytes_per_caption(sizes, tmp_path, {"mlm": 1}) < 16
+    assert sampler_bytes_per_caption(sizes, tmp_path, {"mlm": 1, "itm": 1}) < 24
+    compact = TokenBucketSampler.batches
+    with monkeypatch.context() as m:  # the pair batches as lists of lists of Python ints (the old form)
+        m.setattr(TokenBucketSampler, "batches", lambda self, *a, **k: list(compact(self, *a, **k)))
+        assert sampler_bytes_per_caption(sizes, tmp_path, {"mlm": 1}) > 30
+    with monkeypatch.context() as m:  # ITM's stream holding a Python int per pair
+        m.setattr(data_module, "_compact", lambda b, other: (b.starts, b.flat.astype(object), other.astype(object)))
+        assert sampler_bytes_per_caption(sizes, tmp_path, {"mlm": 1, "itm": 1}) > 40
+
+
+def test_a_ranks_data_arrays_take_a_few_bytes_per_caption(sizes, tmp_path):
+    """build_data over a warm table keeps about 10 B per caption: Pairs.lengths (int32, 4 B), per image box
+    counts (int32), the ITM sampler's two orders by box count (int64) and the dataset's checked flags; the
+    dataset's text lengths are the table's own shared array. At 010e373 (int64 lengths and an int64 copy
+    of the text lengths): 23 B."""
+    for d in sizes:
+        build_data(config(d, tmp_path), "train")
+    grown = [retained_bytes(lambda d=d: build_data(config(d, tmp_path), "train"))[0] for d in sizes]
+    assert (grown[1] - grown[0]) / ((1500 - 300) * PER_IMAGE) < 16, grown
