@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -240,6 +241,40 @@ def test_table_is_rebuilt_when_manifest_tokenizer_length_or_shards_change(data, 
     rebuilt = pairs(other)
     assert rebuilt.table.built and not np.array_equal(rebuilt.num_boxes, first.num_boxes)
     assert_same_pairs(rebuilt, LegacyPairs(ShardSet(other), manifest, Text(vocab, 24), "train"))
+
+
+def test_tables_of_earlier_inputs_are_named_when_building_not_removed(data, tmp_path):
+    """A manifest changed twice: each build names the tables of that manifest and split built for the
+    earlier inputs (once: a warm start says nothing) and removes none; another split's table and a build's
+    temporary file are not named."""
+    folder = tmp_path / "d"
+    shutil.copytree(os.path.dirname(data["captions"]), folder, ignore=shutil.ignore_patterns("*.captions*"))
+    shards, manifest, text = ShardSet(str(folder / "shard-00000")), str(folder / "captions.csv"), \
+        Text(str(folder / "vocab.txt"), 24)
+
+    def pairs(split="train"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            p = Pairs(shards, manifest, text, split)
+        return p, [str(w.message) for w in caught if "other captions table" in str(w.message)]
+
+    first, said = pairs()
+    assert first.table.built and said == []
+    val, said = pairs("val")
+    assert val.table.built and said == []  # another split's table is not another input's
+    (folder / (os.path.basename(first.table.path) + ".tmp-1-ab")).write_bytes(b"x")
+    df = pd.read_csv(manifest, dtype=str)
+    for k, word in enumerate(("zebra", "giraffe")):
+        df.loc[3, "caption"] = f"a {word}"
+        df.to_csv(manifest, index=False)
+        new, said = pairs()
+        assert new.table.built and len(said) == 1, said
+        assert f"{k + 1} other captions table(s) of captions.csv (split train)" in said[0]
+        assert os.path.basename(first.table.path) in said[0] and ".tmp-" not in said[0]
+        assert os.path.basename(val.table.path) not in said[0]
+        again, said = pairs()
+        assert not again.table.built and said == []  # said once, when built
+    assert os.path.exists(first.table.path) and len(tables(folder)) == 5  # 3 train + val + the planted tmp
 
 
 def test_a_damaged_table_is_built_again_not_read(data, tmp_path):

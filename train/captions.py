@@ -9,9 +9,11 @@
 A table is built once per (manifest content, tokenizer file and settings, max length, split, the shards'
 identity: their stored content hashes, or their ids where a shard has none) and reused by every rank,
 loader worker, evaluation and resume: the file's name carries a digest of those inputs, so a change to any
-of them names another file (and the old one is simply not read again). Nothing per caption or per image
-lives in Python objects: the arrays are views of a read-only shared mapping, so forked loader workers share
-its pages (a list of arrays or a dict of ids would be copied page by page as reference counts are written).
+of them names another file (and the old one is simply not read again: the build of the new one names
+the tables of that manifest and split left from other inputs, which the user may remove). Nothing per
+caption or per image lives in Python objects: the arrays are views of a read-only shared mapping, so forked
+loader workers share its pages (a list of arrays or a dict of ids would be copied page by page as
+reference counts are written).
 
 Building streams the manifest in blocks of rows (text.iter_manifest), so its peak memory depends on the
 block and on the number of images (an id lookup of a hash, a position and the id bytes per image), not on
@@ -32,6 +34,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import secrets
 import tempfile
 import warnings
@@ -242,10 +245,42 @@ def open_table(shards: ShardSet, manifest: str, text: Text, split: str | None = 
                 with contextlib.suppress(OSError):
                     os.unlink(stale)
             build_table(shards, manifest, text, split, path, key, inputs)
+            _say_other_tables(path, manifest, split)
     except (PermissionError, IsADirectoryError, NotADirectoryError) as e:
         raise ValueError(f"{cache}: cannot write the captions table there ({e.strerror}); set data.captions_cache to "
                          "a writable folder, or prebuild it with `regionbert-pretrain CONFIG --prepare-only`") from None
     return CaptionTable(path, key, built=True)
+
+
+def other_tables(path: str, manifest: str, split: str | None) -> list[str]:
+    """The tables beside path of the same manifest name and split but of other inputs (another key)."""
+    folder, name = os.path.dirname(path), os.path.basename(manifest)
+    pattern = re.compile(re.escape(f"{name}.{split or 'all'}.") + r"[0-9a-f]{24}\.captions")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(os.path.join(folder, n) for n in names
+                  if pattern.fullmatch(n) and n != os.path.basename(path))
+
+
+def _say_other_tables(path: str, manifest: str, split: str | None) -> None:
+    """Once per build (so once per change of inputs, by the one rank that builds): name the tables of this
+    manifest and split built for other inputs, which may be stale. They are not removed: a digest cannot
+    tell a replaced manifest, tokenizer or shards from another run's settings (another max length, other
+    shards) sharing the folder, whose table may be in use or wanted again (rebuilding costs a minute per
+    million captions), nor a manifest of the same name in another folder; only the user knows."""
+    others = other_tables(path, manifest, split)
+    sizes = []
+    for p in others:
+        with contextlib.suppress(OSError):
+            sizes.append(os.lstat(p).st_size)
+    if others:
+        shown = ", ".join(os.path.basename(p) for p in others[:5]) + (", ..." if len(others) > 5 else "")
+        warnings.warn(f"{os.path.dirname(path)}: {len(others)} other captions table(s) of {os.path.basename(manifest)} "
+                      f"(split {split or 'all'}), built for other inputs, {sum(sizes) / 2**20:.1f} MiB: {shown}. "
+                      "If no run uses them any more (an earlier manifest, tokenizer, max length or shards), they "
+                      "can be removed", stacklevel=4)
 
 
 def _try_open(path: str, key: str) -> CaptionTable | None:
