@@ -24,9 +24,11 @@ import warnings
 
 import torch
 
-from regionbert.extract.detector import DetectorSpec, build_detector
+from regionbert.extract.detector import DetectorSpec
+from regionbert.extract.families import build_detector
 from regionbert.extract.pipeline import ShapeBatcher, padded_shape
-from regionbert.extract.regions import BoxPolicy, RegionExtractor, preprocess
+from regionbert.extract.policies import BoxPolicy
+from regionbert.extract.torchvision_rcnn import RegionExtractor, preprocess
 
 SIZES = [(480, 640), (375, 500), (427, 640), (640, 480), (480, 640), (333, 500)]  # (h, w), COCO-like
 

@@ -20,9 +20,11 @@ import numpy as np
 import torch
 
 from regionbert.extract import butd
-from regionbert.extract.detector import DetectorSpec, build_detector
+from regionbert.extract.detector import DetectorSpec
+from regionbert.extract.families import build_detector
 from regionbert.extract.images import decode_image, to_tensor
-from regionbert.extract.regions import BoxPolicy, RegionExtractor, preprocess
+from regionbert.extract.policies import BoxPolicy
+from regionbert.extract.torchvision_rcnn import RegionExtractor, preprocess
 
 
 def timed(fn):

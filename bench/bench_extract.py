@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from regionbert.extract.detector import DetectorSpec, build_detector
+from regionbert.extract.detector import DetectorSpec
+from regionbert.extract.families import build_detector
 from regionbert.extract.pipeline import ExtractConfig, run
-from regionbert.extract.regions import BoxPolicy, RegionExtractor, preprocess
+from regionbert.extract.policies import BoxPolicy
+from regionbert.extract.torchvision_rcnn import RegionExtractor, preprocess
 
 warnings.filterwarnings("ignore", message="detector .* has RANDOM weights")
 

@@ -19,8 +19,10 @@ import warnings
 
 import torch
 
-from regionbert.extract.detector import DetectorSpec, build_detector
-from regionbert.extract.regions import BoxPolicy, RegionExtractor, preprocess
+from regionbert.extract.detector import DetectorSpec
+from regionbert.extract.families import build_detector
+from regionbert.extract.policies import BoxPolicy
+from regionbert.extract.torchvision_rcnn import RegionExtractor, preprocess
 
 warnings.filterwarnings("ignore", message="detector .* has RANDOM weights")
 

@@ -33,12 +33,12 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
@@ -53,7 +53,8 @@ from .butd_weights import (
     read_pickle,
     reference_to_local,
 )
-from .regions import BoxPolicy
+from .detector import Family, ImageInput, warn_random_weights, weights_digest
+from .policies import BoxPolicy
 
 NUM_CLASSES = 1600  # foreground; the classifier has 1601 outputs, background last
 NUM_ATTRS = 400  # the attribute head has 401 outputs, "no attribute" last
@@ -252,10 +253,6 @@ class BUTDDetector(nn.Module):
         model.to_empty(device="cpu")
         model.cell_anchors.copy_(cell_anchors())
         return model
-
-    def region_extractor(self, policy) -> BUTDExtractor:
-        """What extract.pipeline runs for this detector (instead of regions.RegionExtractor)."""
-        return BUTDExtractor(self, policy)
 
     # --- backbone and RPN (one image) -------------------------------------------------------
     def backbone(self, x: Tensor) -> Tensor:
@@ -466,7 +463,7 @@ BUTD_POLICIES = ("butd", "fixed", "notebook", "given")
 
 @dataclass
 class BUTDPolicy(BoxPolicy):
-    """regions.BoxPolicy plus "notebook": py-bottom-up-attention's attribute notebook, K = max_boxes
+    """policies.BoxPolicy plus "notebook": py-bottom-up-attention's attribute notebook, K = max_boxes
     class-regressed detections (score > conf_thresh, per-class NMS 0.5, 0.6, ... until exactly K)."""
 
     def __post_init__(self):
@@ -487,7 +484,7 @@ class BUTDPolicy(BoxPolicy):
 
 class BUTDExtractor:
     """BUTDDetector + a box policy -> per image: boxes (original px), features, class_probs (shard order,
-    background at 0), attr_probs (400), scores, labels (shard order). Same call as regions.RegionExtractor.
+    background at 0), attr_probs (400), scores, labels (shard order). Same call as torchvision_rcnn.RegionExtractor.
 
     Policies: butd (max-conf, conf_thresh, min..max boxes; boxes are the unregressed proposals), fixed
     (the same with min = max = K, LXMERT's 36), notebook (the attribute notebook's K regressed boxes),
@@ -555,18 +552,15 @@ PUBLISHED = ("faster_rcnn_from_caffe_attr.pkl (with attributes) or faster_rcnn_f
              "https://nlp1.cs.unc.edu/models/ (py-bottom-up-attention's README)")
 
 
-def build_butd(spec) -> tuple[BUTDDetector, list[str], dict]:
-    """extract.detector.build_detector for --detector butd_r101_vg: (model, 1601 class names with background
-    at 0, what to record). spec.weights: a .pkl path, or "none" (seeded random weights, dry runs only)."""
-    from torchvision import __version__ as tv_version
-
-    from .detector import weights_digest
-
+def build_butd(spec, **_overrides) -> tuple[BUTDDetector, list[str], dict]:
+    """The family's build (extract.families.build_detector for --detector butd_r101_vg): (model, 1601 class
+    names with background at 0, what to record). spec.weights: a .pkl path, or "none" (seeded random
+    weights, dry runs only). Keyword overrides are torchvision builder settings: ignored here, as before the
+    families were split."""
     source, file_sha = spec.weights, None
     if source.lower() == "none":
         model, source = random_detector(spec.seed), "none"
-        warnings.warn(f"detector {NAME} has RANDOM weights (--weights none, seed {spec.seed}): its boxes, features "
-                      "and class distributions are meaningless. Use it for dry runs and tests only.", stacklevel=2)
+        warn_random_weights(NAME, spec.seed)
     elif os.path.isfile(source):
         model, file_sha = load_detector(source)
         source = os.path.abspath(source)
@@ -577,7 +571,7 @@ def build_butd(spec) -> tuple[BUTDDetector, list[str], dict]:
     model.attribute_names = attribute_names() if model.attributes else None
     info = {
         "detector": f"{NAME} (py-bottom-up-attention R101-C4 caffemaxpool, Visual Genome, regionbert.extract.butd)",
-        "torchvision": tv_version,
+        "torchvision": torchvision.__version__,
         "weights": source,
         "weights_digest": weights_digest(model),
         "weights_file_sha256": file_sha,
@@ -595,3 +589,19 @@ def build_butd(spec) -> tuple[BUTDDetector, list[str], dict]:
                        "attribute_names[a]"),
     }
     return model, class_names(), info
+
+
+# ----------------------------------------------------------------------------- the family's interface
+def image_input(model: BUTDDetector) -> ImageInput:
+    """BGR, PIL resize, pixel means (BUTDTransform.prepare); never batched with other images (see above)."""
+    return ImageInput(model.transform.prepare, None)
+
+
+def layout(model: BUTDDetector) -> tuple[int, list[str] | None]:
+    return model.feature_dim, model.attribute_names
+
+
+FAMILY = Family(
+    name="butd", detectors=(NAME,), policies=BUTD_POLICIES, default_sizes={NAME: (600, 1000)}, build=build_butd,
+    load_weights=read_weights, image_input=image_input, layout=layout, box_policy=BUTDPolicy,
+    region_extractor=BUTDExtractor, autocast=False)

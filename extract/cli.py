@@ -10,16 +10,13 @@ import warnings
 
 from regionbert.data import ShardError
 
-from .butd import BUTD_POLICIES, BUTDPolicy
-from .detector import BUTD, DETECTORS, DetectorSpec
+from .detector import DetectorSpec
+from .families import DEFAULT_SIZES, DETECTORS, POLICY_CHOICES, detectors_taking, family_of
 from .images import DEFAULT_MAX_PIXELS
 from .pipeline import ExtractConfig, run, summary_dict
-from .regions import POLICIES, BoxPolicy
 
-# Each torchvision builder's own resize settings (shorter side, cap on the longer side), shown in --help;
-# tests/test_extract_fidelity.py checks them against the built models.
-DEFAULT_SIZES = {"resnet50_fpn_v2": (800, 1333), "resnet50_fpn": (800, 1333), "mobilenet_v3_large_fpn": (800, 1333),
-                 "mobilenet_v3_large_320_fpn": (320, 640), BUTD: (600, 1000)}
+# DEFAULT_SIZES: each detector's own resize settings (shorter side, cap on the longer side), from its family,
+# shown in --help; tests/test_extract_fidelity.py checks them against the built models.
 
 
 def _sizes_help(which: int) -> str:
@@ -56,7 +53,7 @@ def parse_args(argv=None) -> ExtractConfig:
     g.add_argument("--max-size", type=int, help=f"cap on the longer side (default: the detector's own: "
                                                 f"{_sizes_help(1)})")
     g = p.add_argument_group("boxes")
-    g.add_argument("--policy", default="butd", choices=[*POLICIES, "notebook"],
+    g.add_argument("--policy", default="butd", choices=POLICY_CHOICES,
                    help="notebook (butd_r101_vg only): py-bottom-up-attention's attribute notebook, "
                         "--boxes-per-image class-regressed detections (default 36)")
     g.add_argument("--boxes-per-image", type=int, help="fixed policy: exactly this many boxes (e.g. 36)")
@@ -104,19 +101,19 @@ def parse_args(argv=None) -> ExtractConfig:
         p.error("--workers must be 0 or more")
     policy = a.policy
     lo, hi = a.min_boxes, a.max_boxes
-    if policy == "notebook":
-        if a.detector != BUTD:
-            p.error(f"--policy notebook is {BUTD}'s")
+    family = family_of(a.detector)
+    if policy == "notebook":  # K detections, 36 unless --boxes-per-image says
+        if a.detector not in detectors_taking(policy):
+            p.error(f"--policy notebook is {', '.join(detectors_taking(policy))}'s")
         lo = hi = a.boxes_per_image or 36
     elif a.boxes_per_image is not None:
         policy, lo, hi = "fixed", a.boxes_per_image, a.boxes_per_image
-    if a.detector == BUTD and policy not in BUTD_POLICIES:
-        p.error(f"--detector {BUTD} takes --policy {', '.join(BUTD_POLICIES)}")
+    if policy not in family.policies:
+        p.error(f"--detector {a.detector} takes --policy {', '.join(family.policies)}")
     return ExtractConfig(
         images=a.images, out=a.out,
         detector=DetectorSpec(a.detector, a.weights, a.min_size, a.max_size, a.seed),
-        policy=(BUTDPolicy if a.detector == BUTD else BoxPolicy)(policy, a.nms_thresh, a.conf_thresh, lo, hi,
-                                                                 a.score_thresh),
+        policy=family.box_policy(policy, a.nms_thresh, a.conf_thresh, lo, hi, a.score_thresh),
         image_root=a.image_root, path_column=a.path_column, id_column=a.id_column,
         allow_outside_root=a.allow_outside_root, boxes_file=a.boxes_file, num_shards=a.num_shards,
         shard_index=a.shard_index, batch_size=a.batch_size, workers=a.workers, device=a.device, amp=a.amp,

@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from .detector import BUILDERS
 from .finetune import FinetuneConfig, finetune, result_dict
+from .torchvision_rcnn import BUILDERS
 
 
 def finetune_parser(sub) -> None:

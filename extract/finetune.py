@@ -28,8 +28,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from .detector import BUILDERS, CHECKPOINT_FORMAT, _torchvision_weights, read_checkpoint
 from .images import ImageError, decode_image, to_tensor
+from .torchvision_rcnn import BUILDERS, CHECKPOINT_FORMAT, _torchvision_weights, read_checkpoint
 
 
 @dataclass

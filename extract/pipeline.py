@@ -30,7 +30,8 @@ from tqdm import tqdm
 from regionbert.data import ShardError, ShardWriteError, ShardWriter
 from regionbert.data.lock import WriterLock
 
-from .detector import DetectorSpec, build_detector
+from .detector import DetectorSpec, ImageInput
+from .families import build_detector, family_of
 from .images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -42,9 +43,8 @@ from .images import (
     read_boxes,
     read_manifest,
     shard_from_env,
-    to_tensor,
 )
-from .regions import BoxPolicy, RegionExtractor, preprocess
+from .policies import BoxPolicy
 
 
 @dataclass
@@ -96,8 +96,8 @@ class Summary:
 class ImageDataset(Dataset):
     """Decodes, normalizes and resizes one image in a worker; returns an error instead of raising."""
 
-    def __init__(self, items: list[ImageItem], transform, max_pixels: int, boxes: dict | None = None):
-        self.items, self.transform, self.max_pixels, self.boxes = items, transform, max_pixels, boxes
+    def __init__(self, items: list[ImageItem], image_input: ImageInput, max_pixels: int, boxes: dict | None = None):
+        self.items, self.image_input, self.max_pixels, self.boxes = items, image_input, max_pixels, boxes
 
     def __len__(self):
         return len(self.items)
@@ -113,9 +113,8 @@ class ImageDataset(Dataset):
                     raise ImageError("no boxes given for this image")
                 check_boxes(self.boxes[item.id], w, h)
                 out["boxes"] = torch.from_numpy(self.boxes[item.id])
-            with torch.no_grad():
-                prepare = getattr(self.transform, "prepare", None)  # butd_r101_vg: BGR uint8, PIL resize
-                out["image"] = prepare(rgb) if prepare else preprocess(self.transform, to_tensor(rgb))
+            with torch.no_grad():  # the family's preprocessing (butd_r101_vg: BGR uint8, PIL resize)
+                out["image"] = self.image_input.prepare(rgb)
             out["size"] = (h, w)
         except ImageError as e:
             out["error"] = str(e)
@@ -285,21 +284,23 @@ def _prepare(cfg: ExtractConfig):
 def _extract(cfg: ExtractConfig, items, shard, summary, job, model, class_names, info, boxes, device) -> Summary:
     """Run the detector over the items into the shard (run's second half, after the lock check)."""
     shard_index, num_shards = job
+    family = family_of(cfg.detector.arch)
     cfg.policy.apply(model)
     model.to(device)
-    own = getattr(model, "region_extractor", None)  # butd_r101_vg brings its own (extract/butd.py)
-    extractor = own(cfg.policy) if own else RegionExtractor(model, cfg.policy)
-    amp = cfg.amp if device.type == "cuda" and not (own and cfg.amp == "auto") else "none"  # butd: exact fp32
+    extractor = family.region_extractor(model, cfg.policy)
+    # a family checked against its original code in float32 (butd) is not autocast unless --amp asks
+    amp = cfg.amp if device.type == "cuda" and (family.autocast or cfg.amp != "auto") else "none"
     window = cfg.group_window or 4 * cfg.batch_size
-    divisible = getattr(model.transform, "size_divisible", None)  # None: one image per forward pass (butd)
-    grouping = ("none needed: the detector runs each image alone" if own or divisible is None else
+    image_input = family.image_input(model)
+    divisible = image_input.size_divisible  # None: one image per forward pass (butd)
+    grouping = ("none needed: the detector runs each image alone" if divisible is None else
                 f"same padded shape (multiple of {divisible}): features do not depend on the batch")
     settings = {"name": "regionbert.extract", **info, **cfg.policy.describe(model), "amp": amp,
                 "batch_grouping": grouping,
                 "job": {"shard_index": shard_index, "num_shards": num_shards, "host": socket.gethostname(),
                         "images": os.path.abspath(cfg.images), "device": str(device),
                         "batch_size": cfg.batch_size, "group_window": window}}
-    feature_dim = getattr(model, "feature_dim", None) or _box_feature_dim(model)
+    feature_dim, attribute_names = family.layout(model)
     failures_path = shard + ".failures.jsonl"
     failures: list[dict] = []
     lock = threading.Lock()
@@ -309,7 +310,7 @@ def _extract(cfg: ExtractConfig, items, shard, summary, job, model, class_names,
             failures.append({"id": item.id, "path": item.path, "reason": reason})
 
     writer = ShardWriter(shard, feature_dim=feature_dim, class_names=class_names, feature_dtype=cfg.feature_dtype,
-                         attribute_names=getattr(model, "attribute_names", None), extractor=settings,
+                         attribute_names=attribute_names, extractor=settings,
                          commit_every=cfg.commit_every, append=cfg.append)
     thread, ok, start = None, False, time.perf_counter()
     try:
@@ -324,7 +325,7 @@ def _extract(cfg: ExtractConfig, items, shard, summary, job, model, class_names,
         if todo and writer.was_complete and not cfg.append:
             raise ValueError(f"{shard} is complete, and {len(todo)} of the images are not in it (new, or failed "
                              "before); pass --append to add them, while nobody reads the shard")
-        loader = DataLoader(ImageDataset(todo, model.transform, cfg.max_pixels, boxes), batch_size=cfg.batch_size,
+        loader = DataLoader(ImageDataset(todo, image_input, cfg.max_pixels, boxes), batch_size=cfg.batch_size,
                             num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
                             worker_init_fn=_worker_init, persistent_workers=False)
         thread = _ShardWriterThread(writer, fail)
@@ -355,7 +356,7 @@ def _extract(cfg: ExtractConfig, items, shard, summary, job, model, class_names,
                         in_order.put(seq, None)
                         bar.update(1)
                     else:
-                        key = 0 if own or divisible is None else padded_shape(b["image"], int(divisible))
+                        key = 0 if divisible is None else padded_shape(b["image"], int(divisible))
                         for group in batcher.add(seq, key, b):
                             run_batch(group)
                     seq += 1
@@ -397,13 +398,6 @@ def record_fields(b: dict, r: dict, policy) -> dict:
     if policy.name == "torchvision":
         fields["extra"] = {"labels": r["labels"].cpu().tolist(), "scores": r["scores"].float().cpu().tolist()}
     return fields
-
-
-def _box_feature_dim(model) -> int:
-    """D of the box head's output (1024 for every torchvision Faster R-CNN)."""
-    head = model.roi_heads.box_head
-    last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
-    return last.out_features
 
 
 def summary_dict(s: Summary) -> dict:

@@ -20,7 +20,7 @@ from regionbert.data.show import box_labels, draw_record
 from regionbert.extract.detector import DetectorSpec
 from regionbert.extract.finetune import FinetuneConfig, finetune, read_coco
 from regionbert.extract.pipeline import ExtractConfig, run
-from regionbert.extract.regions import BoxPolicy
+from regionbert.extract.policies import BoxPolicy
 
 from .sample_data import write_sample_data
 

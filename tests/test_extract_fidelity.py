@@ -12,9 +12,11 @@ from regionbert.data import ShardReader
 from regionbert.data.cli import main as shards_main
 from regionbert.data.show import box_labels
 from regionbert.extract.cli import DEFAULT_SIZES, main
-from regionbert.extract.detector import BUILDERS, DetectorSpec, build_detector
+from regionbert.extract.detector import DetectorSpec
+from regionbert.extract.families import build_detector
 from regionbert.extract.images import decode_image, to_tensor
 from regionbert.extract.pipeline import ShapeBatcher
+from regionbert.extract.torchvision_rcnn import BUILDERS
 
 pytestmark = pytest.mark.filterwarnings("ignore:detector .* has RANDOM weights")
 FAST = ["--weights", "none", "--detector", "mobilenet_v3_large_320_fpn", "--min-size", "96", "--max-size", "160",
@@ -93,7 +95,7 @@ def test_torchvision_policy_stores_model_labels_and_scores_and_show_uses_them(tm
 
 
 def test_score_thresh_belongs_to_the_torchvision_policy():
-    from regionbert.extract.regions import BoxPolicy
+    from regionbert.extract.policies import BoxPolicy
 
     with pytest.raises(ValueError, match="belongs to the torchvision policy"):
         BoxPolicy("butd", score_thresh=0.1)
@@ -178,8 +180,8 @@ def test_help_shows_each_detectors_own_default_sizes(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "320 for mobilenet_v3_large_320_fpn" in text and "640 for mobilenet_v3_large_320_fpn" in text
     assert "800 for resnet50_fpn_v2" in text and "1333 for resnet50_fpn_v2" in text
+    from regionbert.extract.butd import NAME as BUTD
     from regionbert.extract.butd import BUTDTransform
-    from regionbert.extract.detector import BUTD
 
     assert (BUTDTransform().min_size, BUTDTransform().max_size) == DEFAULT_SIZES[BUTD]
     for arch, (lo, hi) in DEFAULT_SIZES.items():  # the table says what the builders do

@@ -5,8 +5,10 @@ import torch
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import nms
 
-from regionbert.extract.detector import DetectorSpec, build_detector
-from regionbert.extract.regions import BoxPolicy, RegionExtractor, butd_select, preprocess
+from regionbert.extract.detector import DetectorSpec
+from regionbert.extract.families import build_detector
+from regionbert.extract.policies import BoxPolicy, butd_select
+from regionbert.extract.torchvision_rcnn import RegionExtractor, preprocess
 
 pytestmark = pytest.mark.filterwarnings("ignore:detector .* has RANDOM weights")
 

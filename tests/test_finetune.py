@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from regionbert.data import ShardReader
-from regionbert.extract.detector import BUILDERS, DetectorSpec, build_detector
+from regionbert.extract.detector import DetectorSpec
+from regionbert.extract.families import build_detector
 from regionbert.extract.finetune import FinetuneConfig, Sample, build_trainable, evaluate, finetune, read_coco
 from regionbert.extract.images import to_tensor
-from regionbert.extract.regions import BoxPolicy, RegionExtractor, preprocess
+from regionbert.extract.policies import BoxPolicy
+from regionbert.extract.torchvision_rcnn import BUILDERS, RegionExtractor, preprocess
 from regionbert.quickstart.sample_data import class_names, write_sample_data
 
 

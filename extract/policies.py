@@ -1,10 +1,6 @@
-"""One forward pass of a torchvision Faster R-CNN that returns region features with the boxes.
+"""Box policies, shared by the detector families: which boxes an image keeps, and which box each stored
+feature was pooled from:
 
-backbone, RPN and the box head run once per batch. Every feature is the box head's output (1024-d) for
-one box pooled from the feature maps (RoIAlign), and its class distribution is the softmax over all
-classes, background included, from that same pass: nothing is pooled twice and no backbone runs twice.
-
-Box policies (which boxes an image keeps), and which box each stored feature was pooled from:
   butd         as in bottom-up-attention: per-class NMS over the proposals, each proposal scored by
                its best surviving class, keep conf >= 0.2, at least 10 and at most 100, each proposal
                once; the stored box is the RPN proposal, and the feature is pooled from that same box
@@ -15,18 +11,19 @@ Box policies (which boxes an image keeps), and which box each stored feature was
                as in torchvision; each detection's label and score go to the record's extra
   given        boxes the caller supplies per image (xyxy pixels of the original image); the feature is
                pooled from that box
+
+The torchvision policy is the torchvision family's (extract/torchvision_rcnn.py); bottom-up-attention adds
+its notebook policy (extract/butd.py's BUTDPolicy). A family says which policies it takes (its Family's
+policies) and selects boxes in its own region extractor; butd_select here is the max-conf rule on
+class distributions with background at index 0.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
 POLICIES = ("butd", "fixed", "torchvision", "given")
@@ -85,12 +82,6 @@ def rpn_settings(model) -> dict:
             "rpn_nms_thresh": float(rpn.nms_thresh), "rpn_score_thresh": float(rpn.score_thresh)}
 
 
-def preprocess(transform, image: Tensor) -> Tensor:
-    """(3, H, W) float in [0, 1] -> normalized and resized exactly as model(images) does it."""
-    image, _ = transform.resize(transform.normalize(image))
-    return image
-
-
 def butd_select(boxes: Tensor, probs: Tensor, policy: BoxPolicy) -> Tensor:
     """Indices of the kept proposals, best first.
 
@@ -119,72 +110,3 @@ def _all_pairs(scores: Tensor) -> tuple[Tensor, Tensor]:
     n, c = scores.shape
     p = torch.arange(n, device=scores.device).repeat_interleave(c)
     return p, torch.arange(c, device=scores.device).repeat(n)
-
-
-def torchvision_select(roi_heads, class_logits, box_regression, proposals, image_shape):
-    """roi_heads.postprocess_detections for one image, step for step, also returning each detection's
-    proposal index (which torchvision throws away)."""
-    boxes = roi_heads.box_coder.decode(box_regression, [proposals])  # (P, C, 4)
-    scores = F.softmax(class_logits, -1)
-    boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
-    num_props, num_classes = scores.shape
-    labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
-    props = torch.arange(num_props, device=scores.device).view(-1, 1).expand_as(scores)
-    boxes, scores, labels, props = boxes[:, 1:], scores[:, 1:], labels[:, 1:], props[:, 1:]
-    boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
-    labels, props = labels.reshape(-1), props.reshape(-1)
-    inds = torch.where(scores > roi_heads.score_thresh)[0]
-    boxes, scores, labels, props = boxes[inds], scores[inds], labels[inds], props[inds]
-    keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-    boxes, scores, labels, props = boxes[keep], scores[keep], labels[keep], props[keep]
-    keep = box_ops.batched_nms(boxes, scores, labels, roi_heads.nms_thresh)[: roi_heads.detections_per_img]
-    return boxes[keep], scores[keep], labels[keep], props[keep]
-
-
-class RegionExtractor:
-    """Faster R-CNN + box policy -> per-image boxes, features and class distributions."""
-
-    def __init__(self, model, policy: BoxPolicy):
-        self.model, self.policy = model.eval(), policy
-
-    @torch.inference_mode()
-    def __call__(self, images: list[Tensor], original_sizes: list[tuple[int, int]],
-                 given_boxes: list[Tensor] | None = None) -> list[dict[str, Tensor]]:
-        """images: preprocessed (3, h, w) tensors on the model's device (see `preprocess`).
-        original_sizes: (H, W) of each image before resizing. Returns per image, on the same device:
-        boxes (N, 4) in original pixels, features (N, D), class_probs (N, C), scores (N,), labels (N,)."""
-        m, policy = self.model, self.policy
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        batch = ImageList(m.transform.batch_images(images, size_divisible=m.transform.size_divisible), sizes)
-        feats = m.backbone(batch.tensors)
-        if isinstance(feats, Tensor):
-            feats = OrderedDict([("0", feats)])
-        if policy.name == "given":
-            if given_boxes is None or len(given_boxes) != len(images):
-                raise ValueError("the 'given' policy needs one (N, 4) box tensor per image")
-            proposals = [resize_boxes(b.to(batch.tensors.device, torch.float32), o, s)
-                         for b, o, s in zip(given_boxes, original_sizes, sizes, strict=True)]
-        else:
-            proposals, _ = m.rpn(batch, feats)
-        rh = m.roi_heads
-        x = rh.box_head(rh.box_roi_pool(feats, proposals, sizes))  # (sum P, D): one row per proposal
-        class_logits, box_regression = rh.box_predictor(x)  # (sum P, C), (sum P, 4C)
-        counts = [len(p) for p in proposals]
-        out = []
-        for i, (xi, logits, reg) in enumerate(zip(x.split(counts), class_logits.split(counts),
-                                                  box_regression.split(counts), strict=True)):
-            logits, props = logits.float(), proposals[i].float()
-            probs = F.softmax(logits, -1)
-            if policy.name == "torchvision":
-                boxes, scores, labels, idx = torchvision_select(rh, logits, reg.float(), props, sizes[i])
-            else:
-                idx = (butd_select(props, probs, policy) if policy.name != "given"
-                       else torch.arange(len(props), device=props.device))
-                boxes = props[idx]
-                scores, labels = probs[idx, 1:].max(1)
-                labels = labels + 1
-            boxes = (given_boxes[i].to(boxes.device, torch.float32) if policy.name == "given"
-                     else resize_boxes(boxes, sizes[i], original_sizes[i]))
-            out.append({"boxes": boxes, "features": xi[idx], "class_probs": probs[idx],
-                        "scores": scores, "labels": labels})
-        return out
