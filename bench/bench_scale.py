@@ -2,6 +2,7 @@
 
     python bench/bench_scale.py                          # 40k / 160k images x 5 captions, 16-d; ~15 minutes here
     python bench/bench_scale.py --before c3b0d1d --images 40000 160000 --out bench/out/scale
+    python bench/bench_scale.py --before 010e373 ...     # the table, before the compact samplers (run warm)
 
 A synthetic corpus at two sizes, the larger holding the smaller's shard plus more shards of the same size
 (regionbert.data.synth: 16-d float16 features, 2-10 boxes, 8 classes, so that it fits the disk; 5 captions
