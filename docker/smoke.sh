@@ -223,7 +223,8 @@ make_weights_step() {  # a detector checkpoint to bake in: seeded random weights
     mkdir -p "$V/weights"
     run_in "$TRAIN_IMAGE" 0:0 -v "$V/weights:/out" -- python -c "
 import torch
-from regionbert.extract.detector import DetectorSpec, build_detector
+from regionbert.extract.detector import DetectorSpec
+from regionbert.extract.families import build_detector
 model, _, info = build_detector(DetectorSpec('$DETECTOR', 'none', seed=7))
 torch.save(model.state_dict(), '/out/w.pth')
 open('/out/digest', 'w').write(info['weights_digest'])
