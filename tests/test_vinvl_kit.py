@@ -13,10 +13,18 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 KIT = Path(__file__).parent / "vinvl_kit"
+BUTD_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "butd-kit" / "images"
+IMAGES = ("000456", "COCO_train2014_000000132417")
+GIVEN_FRACTIONS = [[.1, .1, .6, .7], [.3, .2, .95, .9], [0, 0, 1, 1], [.45, .45, .55, .6], [.213, .517, .411, .983]]
+# the BUTD kit's float32 tolerances (../shared/butd-kit/SPEC.md section 12); the spec reference is in fact
+# bit-identical to the original on this machine at one thread (docs/vinvl-spec.md section 12)
+TOL = {"input": 1e-4, "res4": 1e-3, "rpn": 3e-3, "proposal_px": 0.1, "objectness": 1e-4, "features": 3e-4,
+       "class_probs": 1e-3, "attr_logits": 2e-3}
 # sha256 of the whole file, seed 0 (recorded in tests/vinvl_kit/README.md)
 FULL_SEED0_SHA256 = "76ea5a59151decc9baeefcd695542759e79f5ec4a2d5709ab2f57cd8a7e0cb82"
 SMALL_SEED0_SHA256 = "a3a4108582d2fe1f4d052f5a5403d3788d3a981692ed803b91c2bd84dfbecd4f"
@@ -119,3 +127,53 @@ def test_calibration_must_match_the_seed(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "does not match the calibration file" in proc.stderr
     assert not (tmp_path / "x.pth").exists()
+
+
+@pytest.fixture(scope="module")
+def spec_runs(full_checkpoint):
+    """docs/vinvl-spec.md as plain torch (tests/vinvl_kit/spec_reference.py) on the two kit images."""
+    if not BUTD_IMAGES.is_dir():
+        pytest.skip(f"the BUTD kit's images are not at {BUTD_IMAGES}")
+    sys.path.insert(0, str(KIT))
+    try:
+        import spec_reference
+    finally:
+        sys.path.remove(str(KIT))
+    torch.set_num_threads(1)  # the goldens' setting; conftest restores the count after the test
+    sd = torch.load(full_checkpoint[0], weights_only=True)["model"]
+    return {name: spec_reference.run(sd, str(BUTD_IMAGES / f"{name}.jpg"), GIVEN_FRACTIONS) for name in IMAGES}
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_spec_reference_matches_the_original_goldens(spec_runs, full_checkpoint, name):
+    """The goldens are scene_graph_benchmark's own outputs (record_goldens.py in the CPU build of README.md)
+    for this very checkpoint; the spec written as code reproduces every recorded stage."""
+    g = dict(np.load(KIT / "golden" / f"{name}.npz", allow_pickle=False))
+    ours = spec_runs[name]
+    assert str(g["weights_sha256"]) == full_checkpoint[1] == FULL_SEED0_SHA256
+    assert ours["input"].shape[1:] == tuple(g["resized_hw"])
+    for stage, key, tol in (("input", "input", "input"), ("layer3", "layer3", "res4")):
+        pos = tuple(g[key + "_sample_pos"].T)
+        values = ours[stage][None][pos] if stage == "input" else ours[stage][pos]
+        assert np.abs(values - g[key + "_sample_val"]).max() <= TOL[tol], stage
+    assert np.abs(ours["rpn_logits_map"] - g["rpn_logits_map"]).max() <= TOL["rpn"]
+    assert ours["proposals"].shape == g["proposals"].shape == (300, 4)
+    assert np.abs(ours["proposals"] - g["proposals"]).max() <= TOL["proposal_px"]
+    assert np.abs(ours["proposal_objectness"] - g["proposal_objectness"]).max() <= TOL["objectness"]
+    assert np.abs(ours["first50_features"] - g["first50_features"]).max() <= TOL["features"]
+    assert np.abs(ours["first50_class_probs"] - g["first50_class_probs"]).max() <= TOL["class_probs"]
+    # NMS_FILTER 1 selection: same boxes, labels and order; 10 <= K <= 100
+    assert 10 <= len(g["det_labels"]) <= 100
+    np.testing.assert_array_equal(ours["det_labels"], g["det_labels"])
+    assert np.abs(ours["det_boxes"] - g["det_boxes"]).max() <= TOL["proposal_px"]
+    assert np.abs(ours["det_scores"] - g["det_scores"]).max() <= TOL["class_probs"]
+    assert np.abs(ours["det_box_features"] - g["det_box_features"]).max() <= TOL["features"]
+    assert np.abs(ours["det_scores_all"] - g["det_scores_all"]).max() <= TOL["class_probs"]
+    assert np.abs(ours["det_attr_logits"] - g["det_attr_logits"]).max() <= TOL["attr_logits"]
+    assert float(g["det_rerun_feature_maxdiff"]) == 0.0  # the attribute head's res5 re-run (spec section 7)
+    # given boxes: features of the boxes as given, attributes of the boxes clipped to [0, w-1] x [0, h-1]
+    np.testing.assert_array_equal(ours["gb_labels"], g["gb_labels"])
+    assert np.abs(ours["gb_boxes"] - g["gb_boxes"]).max() <= 1e-3
+    assert np.abs(ours["gb_box_features"] - g["gb_box_features"]).max() <= TOL["features"]
+    assert np.abs(ours["gb_scores_all"] - g["gb_scores_all"]).max() <= TOL["class_probs"]
+    assert np.abs(ours["gb_attr_logits"] - g["gb_attr_logits"]).max() <= TOL["attr_logits"]

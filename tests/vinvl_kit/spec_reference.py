@@ -1,0 +1,116 @@
+"""
+docs/vinvl-spec.md written as plain torch/torchvision code: the smallest implementation of VinVL's X152-C4
+test path that the goldens (golden/*.npz, recorded from the original by record_goldens.py) can be checked
+against. It proves the spec and the goldens agree; it is not the product implementation (that lives in
+regionbert.extract) and it only covers what the goldens record: batch of one, NMS_FILTER 1 with
+IGNORE_BOX_REGRESSION True, and given boxes (FORCE_BOXES, regression off).
+"""
+import check_activations as ca
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.ops import nms, roi_align
+
+RES5 = "roi_heads.box.feature_extractor.head.layer4."
+
+
+def backbone(sd, x):
+    """spec section 2: stem (max-pool 3/2/1) and layer1..3 -> res4."""
+    y = F.relu(ca.frozen_bn(F.conv2d(x, sd["backbone.body.stem.conv1.weight"], stride=2, padding=3), sd,
+                            "backbone.body.stem.bn1"))
+    y = F.max_pool2d(y, 3, 2, 1)
+    for i, s in ((1, 1), (2, 2), (3, 2)):
+        y = ca.stage(y, sd, f"backbone.body.layer{i}.", s)
+    return y
+
+
+def rpn(sd, res4, size):
+    """spec section 3 -> (logits map 15xHxW, proposals Px4, objectness P)."""
+    ow, oh = size
+    t = F.relu(F.conv2d(res4, sd["rpn.head.conv.weight"], sd["rpn.head.conv.bias"], padding=1))
+    logits = F.conv2d(t, sd["rpn.head.cls_logits.weight"], sd["rpn.head.cls_logits.bias"])
+    deltas = F.conv2d(t, sd["rpn.head.bbox_pred.weight"], sd["rpn.head.bbox_pred.bias"])
+    hf, wf = logits.shape[-2:]
+    obj = logits.permute(0, 2, 3, 1).reshape(-1).sigmoid()
+    dl = deltas.view(1, 15, 4, hf, wf).permute(0, 3, 4, 1, 2).reshape(-1, 4)
+    sy, sx = torch.meshgrid(torch.arange(0, hf * 16, 16.0), torch.arange(0, wf * 16, 16.0), indexing="ij")
+    shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), 1)
+    anchors = (shifts.view(-1, 1, 4) + sd["rpn.anchor_generator.cell_anchors.0"].view(1, -1, 4)).reshape(-1, 4)
+    score, idx = obj.topk(min(6000, obj.numel()))
+    props = ca.decode(dl[idx], anchors[idx], (1.0, 1.0, 1.0, 1.0))
+    props[:, 0::2] = props[:, 0::2].clamp(0, ow - 1)
+    props[:, 1::2] = props[:, 1::2].clamp(0, oh - 1)
+    keep = nms(props, score, 0.7)[:300]
+    return logits[0], props[keep], score[keep]
+
+
+def box_head(sd, res4, boxes):
+    """spec section 4: ROIAlign 14 (aligned=False) -> res5 (stride 2) -> 7x7 mean -> (pooled, 2048-d)."""
+    rois = torch.cat([torch.zeros(len(boxes), 1), boxes], 1)
+    pooled = roi_align(res4, rois, (14, 14), 1 / 16.0, 0, aligned=False)
+    return pooled, ca.stage(pooled, sd, RES5, 2).mean(dim=(2, 3))
+
+
+def class_probs(sd, feat):
+    return F.linear(feat, sd["roi_heads.box.predictor.cls_score.weight"],
+                    sd["roi_heads.box.predictor.cls_score.bias"]).softmax(-1)
+
+
+def select_nms_filter1(boxes, probs, thresh=0.2, lo=10, hi=100):
+    """spec section 6a -> (proposal indices in output order, labels, scores)."""
+    mask = torch.zeros_like(probs)
+    for j in range(1, probs.shape[1]):
+        mask[nms(boxes, probs[:, j], 0.3), j] = 1
+    best, label = (mask * probs).max(1)
+    ids = best.nonzero().squeeze(1)
+    _, order = torch.sort(best[ids], descending=True)
+    n = int((best[ids] >= thresh).sum())
+    n = lo if n < lo else min(n, hi)
+    sel = ids[order[:n]]
+    return sel, label[sel], best[sel]
+
+
+def attribute_logits(sd, feat, labels):
+    """spec section 7: embedding of the detected label, fc_attr + ReLU, attr_score (525)."""
+    x = torch.cat([feat, sd["attribute.predictor.cls_embedding.weight"][labels]], 1)
+    h = F.relu(F.linear(x, sd["attribute.predictor.fc_attr.weight"], sd["attribute.predictor.fc_attr.bias"]))
+    return F.linear(h, sd["attribute.predictor.attr_score.weight"], sd["attribute.predictor.attr_score.bias"])
+
+
+@torch.no_grad()
+def run(sd, image_path, given_fractions):
+    """Everything the goldens record, as a dict of numpy arrays keyed like golden/*.npz."""
+    out = {}
+    x, size = ca.preprocess(image_path)
+    ow, oh = size
+    out["input"] = x[0].numpy()
+    res4 = backbone(sd, x)
+    out["layer3"] = res4.numpy()
+    logits, props, obj = rpn(sd, res4, size)
+    out["rpn_logits_map"], out["proposals"], out["proposal_objectness"] = logits.numpy(), props.numpy(), obj.numpy()
+    _, feat = box_head(sd, res4, props)
+    probs = class_probs(sd, feat)
+    out["first50_features"], out["first50_class_probs"] = feat[:50].numpy(), probs[:50].numpy()
+    sel, labels, scores = select_nms_filter1(props, probs)
+    out["det_boxes"], out["det_labels"], out["det_scores"] = props[sel].numpy(), labels.numpy(), scores.numpy()
+    out["det_box_features"], out["det_scores_all"] = feat[sel].numpy(), probs[sel].numpy()
+    out["det_attr_logits"] = attribute_logits(sd, feat[sel], labels).numpy()
+    # given boxes (spec 6d): original pixels -> resized by one float32 ratio when both axes agree
+    raw_w, raw_h = Image.open(image_path).size
+    raw = torch.tensor(np.array(given_fractions) * np.array([raw_w, raw_h, raw_w, raw_h]), dtype=torch.float32)
+    rw, rh = float(ow) / float(raw_w), float(oh) / float(raw_h)
+    gb = raw * rw if rw == rh else raw * torch.tensor([rw, rh, rw, rh], dtype=torch.float32)
+    _, gfeat = box_head(sd, res4, gb)
+    gprobs = class_probs(sd, gfeat)
+    gscores, glabels = gprobs[:, 1:].max(1)
+    glabels = glabels + 1
+    # the post-processor clips the forced boxes to [0, w-1] x [0, h-1]; the attribute head re-pools those
+    clipped = gb.clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, ow - 1)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, oh - 1)
+    _, afeat = box_head(sd, res4, clipped)
+    out["gb_boxes"], out["gb_box_features"], out["gb_scores_all"] = clipped.numpy(), gfeat.numpy(), gprobs.numpy()
+    out["gb_labels"], out["gb_scores"] = glabels.numpy(), gscores.numpy()
+    out["gb_attr_logits"] = attribute_logits(sd, afeat, glabels).numpy()
+    return out
