@@ -12,7 +12,9 @@ Configuration: sgb defaults + sgg_configs/vgattr/vinvl_x152c4.yaml + the README'
 MODEL.DEVICE cpu, float32, one thread, one image per forward. The model is the original AttrRCNN loaded by
 the original DetectronCheckpointer; the image goes through the original build_transforms(is_train=False).
 Stage outputs are captured with forward hooks, so nothing in the original's code path changes.
-A second pass with MODEL.RPN.FORCE_BOXES / ROI_BOX_HEAD.FORCE_BOXES gives the given-box outputs (gb_*).
+A second pass with TEST.IGNORE_BOX_REGRESSION False gives the regressed-box outputs (rb_*), a third with
+MODEL.RPN.FORCE_BOXES / ROI_BOX_HEAD.FORCE_BOXES the given-box outputs (gb_*); the original's PostProcessor
+is also called on the recorded logits with thresholds 0.05 and 0.9 (sel005_*, sel09_*).
 """
 import argparse
 import hashlib
@@ -33,14 +35,14 @@ CHAN_MEAN_BOXES = 10
 MAP_KEYS = ("input", "stem", "layer1", "layer2", "layer3", "rpn_deltas_map")
 
 
-def make_cfg(config_file, weights, force_boxes=False):
+def make_cfg(config_file, weights, force_boxes=False, regression=False):
     cfg = base_cfg.clone()
     cfg.set_new_allowed(True)
     cfg.merge_from_other_cfg(sg_cfg)
     cfg.set_new_allowed(False)
     cfg.merge_from_file(config_file)
     opts = ["MODEL.WEIGHT", weights, "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NMS_FILTER", 1,
-            "MODEL.ROI_HEADS.SCORE_THRESH", 0.2, "TEST.IGNORE_BOX_REGRESSION", True,
+            "MODEL.ROI_HEADS.SCORE_THRESH", 0.2, "TEST.IGNORE_BOX_REGRESSION", not regression,
             "MODEL.ATTRIBUTE_ON", True, "TEST.OUTPUT_FEATURE", True]
     if force_boxes:
         # with IGNORE_BOX_REGRESSION True the original repeats each forced box once per class (1595x) before
@@ -135,16 +137,45 @@ def record(model, image, out, rng):
     feats = rec.calls["res5"][0].mean(dim=(2, 3))
     out["first50_features"] = feats[:50].numpy()
     cls_logits, _ = rec.calls["box_predictor"][0]
-    out["first50_class_logits"] = cls_logits[:50].numpy()
     out["first50_class_probs"] = torch.softmax(cls_logits, -1)[:50].numpy()
     attr_logits, _ = rec.calls["attr_predictor"][0]
     out["det_attr_logits"] = attr_logits.numpy()
     boxlist_fields(out, "det_", preds[0])
+    # the same selection function (the original PostProcessor object) with other thresholds, to exercise
+    # the 100-box cap (0.05) and the 10-box floor (0.9) that 0.2 does not reach on these images
+    post = model.roi_heads.box.post_processor
+    for tag, thresh in (("sel005_", 0.05), ("sel09_", 0.9)):
+        saved, post.score_thresh = post.score_thresh, thresh
+        try:
+            sel = post((cls_logits, None), [proposals], rec.calls["res5"][0])[0]
+        finally:
+            post.score_thresh = saved
+        out[tag + "boxes"] = sel.bbox.numpy()
+        out[tag + "labels"] = sel.get_field("labels").numpy()
+        out[tag + "scores"] = sel.get_field("scores").numpy()
     # the attribute head re-ran pooler + res5 on the detections (spec section 7): same numbers expected
     rerun = rec.calls["res5"][1].mean(dim=(2, 3)).numpy()
     out["det_rerun_feature_maxdiff"] = np.float64(np.abs(rerun - out["det_box_features"]).max())
     del out["det_boxes_all"]  # with IGNORE_BOX_REGRESSION: the proposal repeated 1595 times
     return x
+
+
+@torch.no_grad()
+def record_regressed(model, x, out):
+    """TEST.IGNORE_BOX_REGRESSION False (the README's visualisation setting): class-specific boxes."""
+    rec = Recorder()
+    rec.hook("box_predictor", model.roi_heads.box.predictor)
+    rec.hook("res5", model.roi_heads.box.feature_extractor.head)
+    rec.hook("attr_predictor", model.attribute.predictor)
+    preds = model(x)
+    rec.close()
+    out["rb_first10_bbox_deltas"] = rec.calls["box_predictor"][0][1][:10].numpy()
+    out["rb_det_attr_logits"] = rec.calls["attr_predictor"][0][0].numpy()
+    boxlist_fields(out, "rb_det_", preds[0])
+    # box_features are the proposals' (attributes come from res5 re-run on the regressed boxes): the first
+    # 16 dimensions identify which proposal each detection is; full vectors are in det_/first50_
+    out["rb_det_box_features16"] = out.pop("rb_det_box_features")[:, :16]
+    del out["rb_det_boxes_all"], out["rb_det_scores_all"]
 
 
 @torch.no_grad()
@@ -183,6 +214,7 @@ def main():
     with open(args.weights, "rb") as f:
         out["weights_sha256"] = hashlib.sha256(f.read()).hexdigest()
     x = record(load_model(make_cfg(args.config, args.weights)), image, out, rng)
+    record_regressed(load_model(make_cfg(args.config, args.weights, regression=True)), x, out)
     record_given(load_model(make_cfg(args.config, args.weights, force_boxes=True)), image, x, out, rng)
     out["torch_version"] = torch.__version__
     np.savez_compressed(args.out, **{k: np.asarray(v) for k, v in out.items()})

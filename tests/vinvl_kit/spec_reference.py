@@ -3,7 +3,7 @@ docs/vinvl-spec.md written as plain torch/torchvision code: the smallest impleme
 test path that the goldens (golden/*.npz, recorded from the original by record_goldens.py) can be checked
 against. It proves the spec and the goldens agree; it is not the product implementation (that lives in
 regionbert.extract) and it only covers what the goldens record: batch of one, NMS_FILTER 1 with
-IGNORE_BOX_REGRESSION True, and given boxes (FORCE_BOXES, regression off).
+IGNORE_BOX_REGRESSION True (thresholds 0.2, 0.05, 0.9) and False, and given boxes (FORCE_BOXES, regression off).
 """
 import check_activations as ca
 import numpy as np
@@ -58,10 +58,11 @@ def class_probs(sd, feat):
 
 
 def select_nms_filter1(boxes, probs, thresh=0.2, lo=10, hi=100):
-    """spec section 6a -> (proposal indices in output order, labels, scores)."""
+    """spec section 6a -> (proposal indices in output order, labels, scores). `boxes` is R x 4 (regression
+    ignored: the same box for every class) or R x C x 4 (class-specific boxes)."""
     mask = torch.zeros_like(probs)
     for j in range(1, probs.shape[1]):
-        mask[nms(boxes, probs[:, j], 0.3), j] = 1
+        mask[nms(boxes if boxes.dim() == 2 else boxes[:, j], probs[:, j], 0.3), j] = 1
     best, label = (mask * probs).max(1)
     ids = best.nonzero().squeeze(1)
     _, order = torch.sort(best[ids], descending=True)
@@ -69,6 +70,18 @@ def select_nms_filter1(boxes, probs, thresh=0.2, lo=10, hi=100):
     n = lo if n < lo else min(n, hi)
     sel = ids[order[:n]]
     return sel, label[sel], best[sel]
+
+
+def class_boxes(sd, feat, props, size):
+    """spec section 5 with regression on: per-class boxes (R x 1595 x 4), weights (10, 10, 5, 5), legacy +1,
+    clipped to [0, w-1] x [0, h-1]; also the raw deltas."""
+    ow, oh = size
+    deltas = F.linear(feat, sd["roi_heads.box.predictor.bbox_pred.weight"],
+                      sd["roi_heads.box.predictor.bbox_pred.bias"])
+    boxes = ca.decode(deltas, props, (10.0, 10.0, 5.0, 5.0)).view(len(props), -1, 4)
+    boxes[..., 0::2] = boxes[..., 0::2].clamp(0, ow - 1)
+    boxes[..., 1::2] = boxes[..., 1::2].clamp(0, oh - 1)
+    return boxes, deltas
 
 
 def attribute_logits(sd, feat, labels):
@@ -96,6 +109,19 @@ def run(sd, image_path, given_fractions):
     out["det_boxes"], out["det_labels"], out["det_scores"] = props[sel].numpy(), labels.numpy(), scores.numpy()
     out["det_box_features"], out["det_scores_all"] = feat[sel].numpy(), probs[sel].numpy()
     out["det_attr_logits"] = attribute_logits(sd, feat[sel], labels).numpy()
+    for tag, thresh in (("sel005_", 0.05), ("sel09_", 0.9)):
+        s_ids, s_labels, s_scores = select_nms_filter1(props, probs, thresh)
+        out[tag + "boxes"], out[tag + "labels"], out[tag + "scores"] = \
+            props[s_ids].numpy(), s_labels.numpy(), s_scores.numpy()
+    # regression on: class boxes; the attribute head re-pools each detection's regressed box
+    cboxes, deltas = class_boxes(sd, feat, props, size)
+    out["rb_first10_bbox_deltas"] = deltas[:10].numpy()
+    r_ids, r_labels, r_scores = select_nms_filter1(cboxes, probs)
+    r_boxes = cboxes[r_ids, r_labels]
+    out["rb_det_boxes"], out["rb_det_labels"], out["rb_det_scores"] = \
+        r_boxes.numpy(), r_labels.numpy(), r_scores.numpy()
+    out["rb_det_box_features16"] = feat[r_ids, :16].numpy()
+    out["rb_det_attr_logits"] = attribute_logits(sd, box_head(sd, res4, r_boxes)[1], r_labels).numpy()
     # given boxes (spec 6d): original pixels -> resized by one float32 ratio when both axes agree
     raw_w, raw_h = Image.open(image_path).size
     raw = torch.tensor(np.array(given_fractions) * np.array([raw_w, raw_h, raw_w, raw_h]), dtype=torch.float32)
