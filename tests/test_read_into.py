@@ -6,17 +6,22 @@ the Record checks (the checksum on every read of a verifying reader), and fail w
 naming the shard and the record.
 """
 
+import shutil
 import struct
 
 import lmdb
 import numpy as np
 import pytest
+import torch
 from helpers import random_record
+from train_synth import write_dataset
 
 from regionbert.data import CorruptRecordError, ShardError, ShardReader, ShardSet, ShardWriter
 from regionbert.data import reader as reader_module
 from regionbert.data.format import decode_record, encode_record
 from regionbert.data.synth import COCO_CLASSES, write_synthetic_shard
+from regionbert.train.data import PairDataset, Pairs, collate
+from regionbert.train.text import Text
 
 SENTINEL = 7.0  # what the caller's arrays hold before: rows past the record's must keep it
 
@@ -160,3 +165,42 @@ def test_a_verifying_reader_checks_every_read_and_only_it_may_skip(tmp_path):
     n = unverified[3].num_boxes
     assert unverified.read_into(3, feats, locs, probs) == (n, "synth/00000003")
     np.testing.assert_array_equal(feats[:n], unverified[3].features)
+
+
+def _trainer(data: dict):
+    text = Text(data["tokenizer"], max_len=24)
+    shards = ShardSet(data["shards"])
+    pairs = Pairs(shards, data["captions"], text, "train")
+    return PairDataset(shards, pairs, text), pairs
+
+
+def test_the_trainer_reads_checked_images_straight_into_its_batch(tmp_path, monkeypatch):
+    """Once an image's record has passed the record rules (its first read, a Record: the rules need its boxes),
+    the trainer's batches read it with read_into: no Record is built, and the batch is the same."""
+    data = write_dataset(str(tmp_path / "data"), 8, 0, feature_dim=16, min_boxes=3, max_boxes=12)
+    ds, pairs = _trainer(data)
+    decoded = []
+    monkeypatch.setattr(reader_module, "decode_record", lambda *a: decoded.append(a) or decode_record(*a))
+    for task in ("mlm", "mrfr", "itm"):
+        keys = [(task, p, -1 if p % 3 else int(pairs.image[p] + 1) % 8, (0, 0, 0, p)) for p in range(len(pairs))]
+        decoded.clear()
+        first = collate(ds.__getitems__(keys))
+        assert len(decoded) == (len(keys) if task == "mlm" else 0)  # rows of images not checked yet: 1st batch
+        decoded.clear()
+        again = collate(ds.__getitems__(keys))
+        assert not decoded
+        assert first.keys() == again.keys()
+        for k, v in first.items():
+            assert torch.equal(v, again[k]) if torch.is_tensor(v) else v == again[k], k
+
+
+def test_the_trainer_still_verifies_every_read(tmp_path):
+    data = write_dataset(str(tmp_path / "data"), 8, 0, feature_dim=16, min_boxes=3, max_boxes=12)
+    data["shards"] = shutil.copytree(data["shards"], str(tmp_path / "damaged"))  # (not open in this process)
+    _put(data["shards"], DAMAGE["a feature byte flipped"])  # record 3's checksum no longer matches
+    ds, pairs = _trainer(data)
+    ds._checked[:] = True  # as on a later pass: every image's rules checked, so every read is read_into's
+    keys = [("mlm", p, -1, (0, 0, 0, p)) for p in range(len(pairs))]
+    for _ in range(2):
+        with pytest.raises(CorruptRecordError, match=f"^{data['shards']}: record 'synth/00000003': checksum mismatch"):
+            ds.__getitems__(keys)

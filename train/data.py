@@ -194,32 +194,36 @@ class PairDataset(torch.utils.data.Dataset):
         fresh = np.flatnonzero(~self._checked[img])  # rows of images the rules have not checked yet
         if len(fresh):
             boxes, sizes, used = np.zeros((B, N, 4), np.float32), np.ones((B, 2)), np.zeros(B, np.int64)
-        pool, tokens, modes_of = self._pool, pairs.tokens, self._modes
+        pool, modes_of = self._pool, self._modes
+        loc, no_probs = "loc7" if loc7 else "loc5", not self.num_classes  # (every record's C is its shard's)
+        ids, texts = self._texts(ps, text_lens, L)
         samples, text_rows, region_rows, seeds, masked, lens = [], [], [], [], [], []
         for j, (task, p, other, seed) in enumerate(keys):
             image = images[j]
-            rec = shards[pool[image]]
-            n = min(rec.num_boxes, cap)
-            if n > N:
-                raise ValueError(f"record {rec.id!r} has {n} boxes, more than the {N} it had when the run started")
             modes = modes_of.get(task) or modes_of.setdefault(task, modalities(task, self.masking))
-            feats[j, :n] = rec.features[:n]
-            locs[j, :n] = (rec.loc7 if loc7 else rec.loc5)[:n]
-            if len(fresh) and not self._checked[image]:
+            if len(fresh) and not self._checked[image]:  # first read of this image here: the record rules
+                rec = shards[pool[image]]  # (its boxes and image size too: a Record)
+                n, name = min(rec.num_boxes, cap), rec.id
+                if n > N:
+                    raise ValueError(f"record {name!r} has {n} boxes, more than the {N} it had when the run started")
+                feats[j, :n] = rec.features[:n]
+                locs[j, :n] = (rec.loc7 if loc7 else rec.loc5)[:n]
                 if not all_finite(feats[j, :n]):  # while the copy is in cache: ~3 us, not 10 for a later pass
                     self._refuse(image)
                 boxes[j, :n], sizes[j], used[j] = rec.boxes[:n], (rec.width, rec.height), n
-            if rec.class_probs is not None:
-                probs_buf[j, :n] = rec.class_probs[:n]
-            elif task in REGION_TASKS[1:]:
-                raise ValueError(f"task {task} needs class distributions but record {rec.id!r} has none")
-            else:
-                probs_buf[j, :n] = 0
+                probs_buf[j, :n] = 0 if rec.class_probs is None else rec.class_probs[:n]
+            else:  # straight into row j of the batch, checksum verified, no Record built (read_into)
+                n, name = shards.read_into(pool[image], feats[j], locs[j], probs_buf[j], loc)
+                n = min(n, cap)
+                if n > N:
+                    raise ValueError(f"record {name!r} has {n} boxes, more than the {N} it had when the run started")
+            if no_probs and task in REGION_TASKS[1:]:
+                raise ValueError(f"task {task} needs class distributions but record {name!r} has none")
             lens.append(n)
             views = [feats[j, :n], locs[j, :n], probs_buf[j, :n]]  # + text and masks' views, below
-            samples.append({"task": task, "input_ids": tokens[p], "mlm_labels": None, "region_mask": None,
+            samples.append({"task": task, "input_ids": texts[j], "mlm_labels": None, "region_mask": None,
                             "features": views[0], "locations": views[1], "class_probs": views[2],
-                            "itm_label": int(other < 0), "pair": p, "image": image, "id": rec.id,
+                            "itm_label": int(other < 0), "pair": p, "image": image, "id": name,
                             "_rows": (buffers, j, views)})  # where its regions are: collate checks it
             if modes[0] or modes[1]:
                 seeds.append(seed)
@@ -245,19 +249,22 @@ class PairDataset(torch.utils.data.Dataset):
                 samples[j]["input_ids"], samples[j]["mlm_labels"] = inputs[row, :t], labels[row, :t]
             if len(text_rows) == B:  # padded as collate pads (0, IGNORE): it takes them as they are
                 buffers["_input_ids"], buffers["_mlm_labels"] = inputs, labels
-        else:  # no text masked: no labels, one padded array for the batch (collate takes it)
+        else:  # no text masked: no labels, one padded array for the batch (collate takes it), and the text's
             labels = buffers["_mlm_labels"] = np.full((B, L), IGNORE, np.int64)
+            if ids is not None:  # rows are views of it (_texts)
+                buffers["_input_ids"] = ids
             for j, t in enumerate(text_lens.tolist()):
                 samples[j]["mlm_labels"] = labels[j, :t]
+        counts = lens.tolist()
         if region_rows:
             chosen = mask_regions_batch(lens[region_rows], [rngs[j] for j in region_rows], self.mask_prob)
             for row, j in enumerate(region_rows):
-                samples[j]["region_mask"] = chosen[row, :lens[j]]
+                samples[j]["region_mask"] = chosen[row, :counts[j]]
             if len(region_rows) == B and chosen.shape[1] == N:
                 buffers["_region_mask"] = chosen
         else:
             chosen = buffers["_region_mask"] = np.zeros((B, N), bool)
-            for j, n in enumerate(lens.tolist()):
+            for j, n in enumerate(counts):
                 samples[j]["region_mask"] = chosen[j, :n]
         for s in samples:
             if s["mlm_labels"] is None:  # a batch masking the text of some samples only
@@ -266,6 +273,18 @@ class PairDataset(torch.utils.data.Dataset):
                 s["region_mask"] = np.zeros(len(s["features"]), dtype=bool)
             s["_rows"][2].extend((s["input_ids"], s["mlm_labels"], s["region_mask"]))
         return samples
+
+    def _texts(self, ps: np.ndarray, text_lens: np.ndarray, L: int) -> tuple[np.ndarray | None, list]:
+        """The batch's token ids: (padded (B, L) int64 with 0 past each row's length, each sample's row as a
+        view of it), gathered from the captions table at once instead of a copy per sample; (None, a copy
+        each from pairs.tokens) for pairs without a table (tests' reference pairs) or keys outside it."""
+        table = getattr(self.pairs, "table", None)
+        if table is None or not len(ps) or ps.min() < 0 or ps.max() >= table.count:
+            return None, [self.pairs.tokens[p] for p in ps.tolist()]
+        valid = np.arange(L)[None] < text_lens[:, None]
+        ids = np.zeros(valid.shape, np.int64)
+        ids[valid] = table.ids[(table.offsets[ps][:, None] + np.arange(L)[None])[valid]]
+        return ids, [ids[j, :t] for j, t in enumerate(text_lens.tolist())]
 
     def _check_rules(self, images: list[int], boxes, sizes, lens, locs, probs) -> None:
         """The record rules (regionbert.data.checks) over what these rows of a batch train on, at once
@@ -358,12 +377,8 @@ def collate(samples: list[dict]) -> dict:
     region_lens = np.fromiter((len(s["features"]) for s in samples), np.int64, B)
     L, N = int(text_lens.max()), int(region_lens.max())
     first = samples[0]
-    rows = [s.get("_rows") for s in samples]
-    filled = rows[0] and rows[0][0]["features"].shape[:2] == (B, N) and all(  # rows 0..B-1 of one batch, unedited
-        r is not None and r[0] is rows[0][0] and r[1] == b and len(r[2]) == 6
-        and all(v is s[k] for v, k in zip(r[2], _FIELDS, strict=True))
-        for b, (r, s) in enumerate(zip(rows, samples, strict=True)))
-    buffers = rows[0][0] if filled else {}
+    filled = _as_made(samples, N)
+    buffers = samples[0]["_rows"][0] if filled else {}
     arena = buffers.get("_arena")
     if not filled and torch.utils.data.get_worker_info() is not None:
         widths = {k: (first[k].shape[1], first[k].dtype) for k in _FIELDS[:3]}
@@ -418,6 +433,24 @@ def collate(samples: list[dict]) -> dict:
         "num_tokens": tokens, "pad_fraction": 1 - tokens / (B * int(lens.max())),
     }
     return arena.pack(batch) if arena is not None else batch
+
+
+def _as_made(samples: list[dict], N: int) -> bool:
+    """Whether samples are rows 0..B-1 of one PairDataset batch of N regions, unedited: each one's arrays the
+    very ones it was made with (a loop of identity tests: a microsecond a sample less than a generator's)."""
+    first = samples[0].get("_rows")
+    if not first or first[0]["features"].shape[:2] != (len(samples), N):
+        return False
+    buffers = first[0]
+    for b, s in enumerate(samples):
+        r = s.get("_rows")
+        if r is None or r[0] is not buffers or r[1] != b:
+            return False
+        v = r[2]
+        if len(v) != 6 or v[0] is not s["features"] or v[1] is not s["locations"] or v[2] is not s["class_probs"] \
+                or v[3] is not s["input_ids"] or v[4] is not s["mlm_labels"] or v[5] is not s["region_mask"]:
+            return False
+    return True
 
 
 def batch_bytes(B: int, N: int, L: int, widths: dict) -> int:
