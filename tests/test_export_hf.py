@@ -134,6 +134,7 @@ def test_model_card_has_front_matter_data_steps_figures_deviations_and_loading(e
     assert exported["data"]["shards"] in card and "| 50 | synthetic |" in card  # the shard, its records, detector
     assert "80 captions of 40 images (trained on)" in card and "20 captions of 10 images (held out" in card
     assert "batch mean removed" in card and "from scratch" in card  # the centred ITM gradient, from scratch
+    assert "moments are kept per task" in card  # optim.task_state, from scratch
     assert "AutoModelForPreTraining.from_pretrained" in card and "Model.load" in card
     if exported["variant"] == "options":
         assert "zeros alone, without UNITER's learned mask embedding" in card and "a classifier each" in card

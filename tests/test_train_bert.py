@@ -132,6 +132,7 @@ def test_run_starts_from_a_bert_folder(tmp_path):
     assert torch.equal(w["encoder.pooler.weight"], hf.pooler.dense.weight)  # BERT's pooler, ITM's classifier
     assert state["config"]["model"]["itm_head_init"] == "bert" and float(w["heads.itm.classify.weight"].std()) < 0.03
     assert state["config"]["tasks"]["itm_center_grad"] == "off"  # from BERT, ITM is UNITER's exactly
+    assert state["config"]["optim"]["task_state"] == "shared" and "task_states" not in state["optimizer"]
     assert not build_model(load_config(None, overrides)).heads["itm"].center_grad
     (bert / "vocab.txt").write_text("\n".join(vocab[:-1]) + "\n")
     with pytest.raises(ValueError, match=f"has {len(vocab) - 1} tokens but the BERT in run.init_from"):

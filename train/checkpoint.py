@@ -170,6 +170,10 @@ def _part_problems(state: dict) -> list[str]:
     opt = state.get("optimizer")
     if isinstance(opt, dict) and not (isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
         out.append("part 'optimizer' lacks its 'state' and 'param_groups'")
+    if isinstance(opt, dict) and "task_states" in opt and not (
+            isinstance(opt["task_states"], dict) and all(isinstance(k, str) and isinstance(v, dict)
+                                                         for k, v in opt["task_states"].items())):
+        out.append("part 'optimizer' has 'task_states' that is not a table of task name -> state")
     sched = state.get("scheduler")
     if isinstance(sched, dict) and "last_epoch" in sched and not _is_int(sched["last_epoch"], -1):
         out.append(f"part 'scheduler' has last_epoch {sched['last_epoch']!r}")
@@ -219,9 +223,16 @@ def _optimizer_problems(saved: dict, optimizer) -> list[str]:
     if sizes != [len(g["params"]) for g in mine]:
         return [f"part 'optimizer' has parameter groups of sizes {sizes}, this run's are "
                 f"{[len(g['params']) for g in mine]}"]
+    per_task = hasattr(optimizer, "use")
+    if per_task != isinstance(saved.get("task_states"), dict):
+        have, want = ("per task", "shared") if not per_task else ("shared", "per task")
+        return [f"part 'optimizer' holds Adam's moments {have}, this run keeps them {want}: resume with "
+                f"--set optim.task_state={'per_task' if have == 'per task' else 'shared'}"]
     params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict numbers them in this order
     out = []
-    for i, s in saved["state"].items():
+    # shared: one state; per task: each task's (structure_problems checked they are tables)
+    states = [saved["state"], *saved["task_states"].values()] if per_task else [saved["state"]]
+    for i, s in (item for st in states for item in st.items()):
         if not (_is_int(i) and i < len(params) and isinstance(s, dict)):
             out.append(f"part 'optimizer' has state for parameter {i!r}, which does not exist")
             continue

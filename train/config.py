@@ -63,6 +63,10 @@ class OptimConfig:
     steps: int = 200000  # optimizer steps
     grad_clip: float = 5.0  # 0: off
     accum_steps: int = 1  # batches per optimizer step (each with its own task)
+    # Adam's moments: "shared" by every task (UNITER's), or kept "per_task" (each task's steps normalised by
+    # its own gradients: docs/itm-plateau.md); "auto": per_task from scratch with accum_steps 1, shared with
+    # run.init_from or accum_steps > 1
+    task_state: str = "auto"
 
 
 @dataclass
@@ -216,6 +220,11 @@ def check(cfg: Config) -> None:
     ModelConfig(**dataclasses.asdict(cfg.model))  # re-runs its checks
     if cfg.tasks.itm_center_grad not in ("auto", "on", "off"):
         raise ValueError(f"tasks.itm_center_grad must be auto, on or off, got {cfg.tasks.itm_center_grad!r}")
+    if cfg.optim.task_state not in ("auto", "shared", "per_task"):
+        raise ValueError(f"optim.task_state must be auto, shared or per_task, got {cfg.optim.task_state!r}")
+    if cfg.optim.task_state == "per_task" and cfg.optim.accum_steps > 1:
+        raise ValueError("optim.task_state=per_task needs optim.accum_steps=1: a step that sums several tasks' "
+                         "batches has no one task whose moments it would update")
     if cfg.tasks.masking not in ("conditional", "joint"):
         raise ValueError(f"tasks.masking must be conditional or joint, got {cfg.tasks.masking!r}")
     if cfg.run.precision not in ("fp32", "bf16", "fp16"):

@@ -31,6 +31,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .model import ModelConfig
+from .optim import task_state_per_task
 from .pretrainer import Pretrainer
 
 HF_FILES = ("configuration_regionbert.py", "modeling_regionbert.py")
@@ -402,6 +403,9 @@ def _deviations(config: dict) -> list[str]:
     scratch = not (config.get("run") or {}).get("init_from")
     center = t.get("itm_center_grad") == "on" or (t.get("itm_center_grad") == "auto" and scratch)
     head = {"auto": "scaled" if scratch else "bert"}.get(m.get("itm_head_init"), m.get("itm_head_init"))
+    o = config.get("optim") or {}
+    per_task = task_state_per_task(o.get("task_state", "shared"), (config.get("run") or {}).get("init_from", ""),
+                                   o.get("accum_steps", 1))
     mix = ", ".join(f"{k} {v:g}" for k, v in (t.get("mix") or {}).items() if v)
     out = ["## Objectives and how they differ from UNITER", "",
            f"One task per step, drawn by the ratios {mix}; {t.get('masking')} masking at {t.get('mask_prob')}. "
@@ -418,6 +422,10 @@ def _deviations(config: dict) -> list[str]:
                    "from scratch it was mostly a part that moves every pair's score alike, and held-out ITM sat at "
                    "chance for a seed-dependent number of steps. The forward pass, the loss and the head's own "
                    "gradients are UNITER's.")
+    if per_task:
+        out.append("- Adam's moments are kept per task (`optim.task_state`): each task's steps are normalised by its "
+                   "own gradients, not by those of the task with the largest ones (MLM), which held ITM's steps "
+                   "on the shared encoder to a small fraction of the learning rate. UNITER shares them.")
     if head in ("scaled", "zero"):
         out.append(f"- ITM's pooler{' and classifier' if head == 'scaled' else ''} drawn at std 1/sqrt(hidden) "
                    f"{'' if head == 'scaled' else '(classifier at zero) '}instead of BERT's 0.02 "

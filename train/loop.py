@@ -104,6 +104,8 @@ def train(model, loader, optimizer, scheduler, *, steps: int, start_step: int = 
         if grad_clip:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if hasattr(optimizer, "use"):  # optim.task_state=per_task: this step's task's moments (accum_steps 1)
+            optimizer.use(task)
         scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
         scaler.update()
         scheduler.step()

@@ -105,6 +105,7 @@ RULES = {
     "optim.grad_clip": Float(0, 1e6, why="the largest gradient norm, 0: no clipping; a negative norm would flip "
                              "every gradient, training by gradient ascent"),
     "optim.accum_steps": Int(1, 2**16),
+    "optim.task_state": NAME,  # auto / shared / per_task: config.check says which
     # run
     "run.out": TEXT,
     "run.seed": Int(0, 2**63 - 1),

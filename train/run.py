@@ -22,7 +22,7 @@ from .loop import autocast_for, train
 from .masking import REGION_TASKS
 from .metrics import Logger, trim_log
 from .model import num_parameters
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, task_state_per_task
 from .pretrainer import Pretrainer
 from .text import NoRows, Text
 
@@ -123,6 +123,9 @@ def apply_init_from(cfg: Config) -> list[str]:
     if cfg.tasks.itm_center_grad == "auto":  # ITM's full gradient into the encoder (UNITER)
         cfg.tasks.itm_center_grad = "off"
         changed.append("tasks.itm_center_grad: auto -> off")
+    if cfg.optim.task_state == "auto":  # one set of Adam moments for every task (UNITER)
+        cfg.optim.task_state = "shared"
+        changed.append("optim.task_state: auto -> shared")
     if not cfg.data.tokenizer:
         found = bert_tokenizer(cfg.run.init_from)
         if not found:
@@ -195,7 +198,8 @@ def _run(cfg: Config, resume, print_fn, d: Dist) -> dict:
         loaded = load_bert(model, cfg.run.init_from)
         logger.print(f"initialised {len(loaded)} tensors from the BERT in {cfg.run.init_from}")
     model.to(d.device)
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps)
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps,
+                                per_task=task_state_per_task(o.task_state, cfg.run.init_from, o.accum_steps))
     scheduler = build_scheduler(optimizer, o.warmup_steps, o.steps)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.run.precision == "fp16")
     if state:
