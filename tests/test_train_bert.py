@@ -1,6 +1,7 @@
 """Starting from a Hugging Face BERT: on text-only input our encoder computes what transformers.BertModel
 computes on the same weights; safetensors and weights-only .bin; the pretraining MLM head; run.init_from."""
 
+import json
 import os
 
 import pytest
@@ -108,6 +109,17 @@ def test_bad_bert_folders_are_named(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="lack 'embeddings.word_embeddings.weight'"):
         load_bert(Pretrainer(cfg), str(tmp_path))
+    # an architecture value that is not an integer is named, never rounded (2.5 layers used to become 2)
+    good = json.loads((tmp_path / "config.json").read_text())
+    for key, bad in (("num_hidden_layers", 2.5), ("hidden_size", "32"), ("num_attention_heads", True),
+                     ("layer_norm_eps", "1e-12")):
+        (tmp_path / "config.json").write_text(json.dumps({**good, key: bad}))
+        with pytest.raises(ValueError, match=f"config.json: {key} is {bad!r}, not "):
+            apply_bert_config(ModelConfig(feature_dim=8, max_text_len=20), str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**good, "num_hidden_layers": 2.0}))
+    cfg = ModelConfig(feature_dim=8, max_text_len=20)
+    apply_bert_config(cfg, str(tmp_path))
+    assert cfg.num_layers == 2 and type(cfg.num_layers) is int
 
 
 def test_run_starts_from_a_bert_folder(tmp_path):

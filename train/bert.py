@@ -58,12 +58,25 @@ def read_bert_config(folder: str) -> dict:
     return hf
 
 
+def _arch_value(value, kind: type, path: str, key: str):
+    """config.json's value for one of our fields, of its type: an integer field takes an integer (2.0 too), never
+    a rounded 2.5, a string or a bool; a float field any number."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and number and float(value).is_integer():
+        return int(value)
+    if kind is float and number:
+        return float(value)
+    if kind not in (int, float) and isinstance(value, kind):
+        return value
+    raise ValueError(f"{path}: {key} is {value!r}, not {'an integer' if kind is int else 'a ' + kind.__name__}")
+
+
 def apply_bert_config(cfg: ModelConfig, folder: str) -> list[str]:
     """Set cfg's architecture from the folder's config.json; returns what changed ("model.x: a -> b")."""
     hf = read_bert_config(folder)
     changed = []
     for theirs, ours in _ARCH.items():
-        value = type(getattr(cfg, ours))(hf[theirs])
+        value = _arch_value(hf[theirs], type(getattr(cfg, ours)), os.path.join(folder, "config.json"), theirs)
         if getattr(cfg, ours) != value:
             changed.append(f"model.{ours}: {getattr(cfg, ours)} -> {value}")
             setattr(cfg, ours, value)
