@@ -47,6 +47,8 @@ def parse_args(argv=None) -> ExtractConfig:
                    help="torchvision weights name (DEFAULT, COCO_V1, ...; downloaded to the torch cache), a "
                         "local checkpoint file (butd_r101_vg: the published .pkl), or 'none' (random init: dry runs "
                         "and tests only)")
+    g.add_argument("--labelmap", help="vinvl_x152c4: the label map JSON (VG-SGG-dicts-vgoi6-clipped.json) whose "
+                                      "class and attribute names go in the shard (default: names by index)")
     g.add_argument("--seed", type=int, default=0, help="init seed for --weights none")
     g.add_argument("--min-size", type=int, help=f"resize shorter side to this (default: the detector's own: "
                                                 f"{_sizes_help(0)})")
@@ -108,11 +110,13 @@ def parse_args(argv=None) -> ExtractConfig:
         lo = hi = a.boxes_per_image or 36
     elif a.boxes_per_image is not None:
         policy, lo, hi = "fixed", a.boxes_per_image, a.boxes_per_image
+    if a.labelmap is not None and a.detector not in family_of("vinvl_x152c4").detectors:
+        p.error("--labelmap belongs to --detector vinvl_x152c4")
     if policy not in family.policies:
         p.error(f"--detector {a.detector} takes --policy {', '.join(family.policies)}")
     return ExtractConfig(
         images=a.images, out=a.out,
-        detector=DetectorSpec(a.detector, a.weights, a.min_size, a.max_size, a.seed),
+        detector=DetectorSpec(a.detector, a.weights, a.min_size, a.max_size, a.seed, a.labelmap),
         policy=family.box_policy(policy, a.nms_thresh, a.conf_thresh, lo, hi, a.score_thresh),
         image_root=a.image_root, path_column=a.path_column, id_column=a.id_column,
         allow_outside_root=a.allow_outside_root, boxes_file=a.boxes_file, num_shards=a.num_shards,

@@ -31,6 +31,7 @@ class DetectorSpec:
     min_size: int | None = None  # None: the builder's default (800; 320 for the 320 model)
     max_size: int | None = None  # None: the builder's default (1333; 320 for the 320 model)
     seed: int = 0  # initialisation seed when weights == "none"
+    labelmap: str | None = None  # a family's class/attribute names file (vinvl_x152c4: VG-SGG-dicts-*.json)
 
 
 class UnknownDetector(ValueError):

@@ -7,10 +7,10 @@ pipeline ask it, never a family module directly, so families never need to know 
 
 from __future__ import annotations
 
-from . import butd, torchvision_rcnn
+from . import butd, torchvision_rcnn, vinvl
 from .detector import DetectorSpec, Family, UnknownDetector
 
-FAMILIES: tuple[Family, ...] = (torchvision_rcnn.FAMILY, butd.FAMILY)
+FAMILIES: tuple[Family, ...] = (torchvision_rcnn.FAMILY, butd.FAMILY, vinvl.FAMILY)
 BY_DETECTOR: dict[str, Family] = {name: fam for fam in FAMILIES for name in fam.detectors}
 DETECTORS = list(BY_DETECTOR)  # --detector choices, in the families' order
 # every --policy any family takes, in the order the families list them

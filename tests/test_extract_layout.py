@@ -101,7 +101,7 @@ def test_detector_py_is_generic():
 def test_the_family_modules_are_the_ones_in_the_table():
     in_files = sorted(n for n, t in _sources().items() if _defines_family(t))
     in_table = sorted(f.build.__module__.rsplit(".", 1)[-1] for f in families.FAMILIES)
-    assert in_files == in_table == ["butd", "torchvision_rcnn"]
+    assert in_files == in_table == ["butd", "torchvision_rcnn", "vinvl"]
 
 
 @pytest.mark.parametrize("sources, expected", [
