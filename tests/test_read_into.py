@@ -204,3 +204,24 @@ def test_the_trainer_still_verifies_every_read(tmp_path):
     for _ in range(2):
         with pytest.raises(CorruptRecordError, match=f"^{data['shards']}: record 'synth/00000003': checksum mismatch"):
             ds.__getitems__(keys)
+
+
+def test_collate_measures_edited_samples_itself(tmp_path):
+    """collate takes a batch's lengths from PairDataset only for samples it finds unedited: a sample given a
+    shorter text or fewer regions is padded by its own lengths."""
+    data = write_dataset(str(tmp_path / "data"), 8, 0, feature_dim=16, min_boxes=3, max_boxes=12)
+    ds, pairs = _trainer(data)
+    for task in ("mlm", "mrfr", "itm"):
+        samples = ds.__getitems__([(task, p, -1, (0, 0, 0, p)) for p in range(len(pairs))])
+        whole = collate(samples)
+        assert whole["text_lens"].tolist() == [len(s["input_ids"]) for s in samples]
+        assert whole["region_lens"].tolist() == [len(s["features"]) for s in samples]
+        edited = [dict(s) for s in samples]
+        edited[0]["input_ids"], edited[0]["mlm_labels"] = edited[0]["input_ids"][:2], edited[0]["mlm_labels"][:2]
+        for k in ("features", "locations", "class_probs", "region_mask"):
+            edited[1][k] = edited[1][k][:1]
+        batch = collate(edited)
+        assert batch["text_lens"][0] == 2 and batch["region_lens"][1] == 1
+        assert (batch["input_ids"][0, 2:] == 0).all() and (batch["features"][1, 1:] == 0).all()
+        assert not batch["region_mask"][1, 1:].any()
+        assert torch.equal(batch["input_ids"][2:], whole["input_ids"][2:, :batch["input_ids"].shape[1]])

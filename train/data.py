@@ -194,15 +194,16 @@ class PairDataset(torch.utils.data.Dataset):
         fresh = np.flatnonzero(~self._checked[img])  # rows of images the rules have not checked yet
         if len(fresh):
             boxes, sizes, used = np.zeros((B, N, 4), np.float32), np.ones((B, 2)), np.zeros(B, np.int64)
-        pool, modes_of = self._pool, self._modes
+        modes_of, records = self._modes, self._pool[img].tolist()  # each row's record in the ShardSet
         loc, no_probs = "loc7" if loc7 else "loc5", not self.num_classes  # (every record's C is its shard's)
         ids, texts = self._texts(ps, text_lens, L)
         samples, text_rows, region_rows, seeds, masked, lens = [], [], [], [], [], []
         for j, (task, p, other, seed) in enumerate(keys):
             image = images[j]
             modes = modes_of.get(task) or modes_of.setdefault(task, modalities(task, self.masking))
+            frow, lrow, prow = feats[j], locs[j], probs_buf[j]
             if len(fresh) and not self._checked[image]:  # first read of this image here: the record rules
-                rec = shards[pool[image]]  # (its boxes and image size too: a Record)
+                rec = shards[records[j]]  # (its boxes and image size too: a Record)
                 n, name = min(rec.num_boxes, cap), rec.id
                 if n > N:
                     raise ValueError(f"record {name!r} has {n} boxes, more than the {N} it had when the run started")
@@ -213,14 +214,14 @@ class PairDataset(torch.utils.data.Dataset):
                 boxes[j, :n], sizes[j], used[j] = rec.boxes[:n], (rec.width, rec.height), n
                 probs_buf[j, :n] = 0 if rec.class_probs is None else rec.class_probs[:n]
             else:  # straight into row j of the batch, checksum verified, no Record built (read_into)
-                n, name = shards.read_into(pool[image], feats[j], locs[j], probs_buf[j], loc)
+                n, name = shards.read_into(records[j], frow, lrow, prow, loc)
                 n = min(n, cap)
                 if n > N:
                     raise ValueError(f"record {name!r} has {n} boxes, more than the {N} it had when the run started")
             if no_probs and task in REGION_TASKS[1:]:
                 raise ValueError(f"task {task} needs class distributions but record {name!r} has none")
             lens.append(n)
-            views = [feats[j, :n], locs[j, :n], probs_buf[j, :n]]  # + text and masks' views, below
+            views = [frow[:n], lrow[:n], prow[:n]]  # + text and masks' views, below
             samples.append({"task": task, "input_ids": texts[j], "mlm_labels": None, "region_mask": None,
                             "features": views[0], "locations": views[1], "class_probs": views[2],
                             "itm_label": int(other < 0), "pair": p, "image": image, "id": name,
@@ -249,12 +250,11 @@ class PairDataset(torch.utils.data.Dataset):
                 samples[j]["input_ids"], samples[j]["mlm_labels"] = inputs[row, :t], labels[row, :t]
             if len(text_rows) == B:  # padded as collate pads (0, IGNORE): it takes them as they are
                 buffers["_input_ids"], buffers["_mlm_labels"] = inputs, labels
+            unmasked_text = None
         else:  # no text masked: no labels, one padded array for the batch (collate takes it), and the text's
-            labels = buffers["_mlm_labels"] = np.full((B, L), IGNORE, np.int64)
+            unmasked_text = buffers["_mlm_labels"] = np.full((B, L), IGNORE, np.int64)
             if ids is not None:  # rows are views of it (_texts)
                 buffers["_input_ids"] = ids
-            for j, t in enumerate(text_lens.tolist()):
-                samples[j]["mlm_labels"] = labels[j, :t]
         counts = lens.tolist()
         if region_rows:
             chosen = mask_regions_batch(lens[region_rows], [rngs[j] for j in region_rows], self.mask_prob)
@@ -262,15 +262,22 @@ class PairDataset(torch.utils.data.Dataset):
                 samples[j]["region_mask"] = chosen[row, :counts[j]]
             if len(region_rows) == B and chosen.shape[1] == N:
                 buffers["_region_mask"] = chosen
+            unmasked_regions = None
         else:
-            chosen = buffers["_region_mask"] = np.zeros((B, N), bool)
-            for j, n in enumerate(counts):
-                samples[j]["region_mask"] = chosen[j, :n]
-        for s in samples:
-            if s["mlm_labels"] is None:  # a batch masking the text of some samples only
+            unmasked_regions = buffers["_region_mask"] = np.zeros((B, N), bool)
+        if ids is not None:  # (rows of the table's lengths: each sample's input_ids as long as its text_lens)
+            buffers["_lens"] = (text_lens, lens)  # collate's, for a batch it finds unedited
+        # one pass over the samples: the rows of the batch's arrays for what no task masked, and the views of
+        # each sample's arrays kept beside its row (collate finds the batch unedited by them)
+        for j, (s, t, n) in enumerate(zip(samples, text_lens.tolist(), counts, strict=True)):
+            if unmasked_text is not None:
+                s["mlm_labels"] = unmasked_text[j, :t]
+            elif s["mlm_labels"] is None:  # a batch masking the text of some samples only
                 s["mlm_labels"] = np.full_like(s["input_ids"], IGNORE)
-            if s["region_mask"] is None:
-                s["region_mask"] = np.zeros(len(s["features"]), dtype=bool)
+            if unmasked_regions is not None:
+                s["region_mask"] = unmasked_regions[j, :n]
+            elif s["region_mask"] is None:
+                s["region_mask"] = np.zeros(n, dtype=bool)
             s["_rows"][2].extend((s["input_ids"], s["mlm_labels"], s["region_mask"]))
         return samples
 
@@ -373,12 +380,17 @@ def collate(samples: list[dict]) -> dict:
     worker's reused shared buffers (WorkerRing) and goes to the main process as its place in that
     buffer (Loader puts the tensors back together there)."""
     B = len(samples)
-    text_lens = np.fromiter((len(s["input_ids"]) for s in samples), np.int64, B)
-    region_lens = np.fromiter((len(s["features"]) for s in samples), np.int64, B)
-    L, N = int(text_lens.max()), int(region_lens.max())
     first = samples[0]
-    filled = _as_made(samples, N)
-    buffers = samples[0]["_rows"][0] if filled else {}
+    filled = _as_made(samples)
+    made = first["_rows"][0].get("_lens") if filled else None
+    if made is not None:  # every sample's arrays the ones PairDataset made: their lengths are the batch's
+        text_lens, region_lens = (a.astype(np.int64) for a in made)
+    else:
+        text_lens = np.fromiter((len(s["input_ids"]) for s in samples), np.int64, B)
+        region_lens = np.fromiter((len(s["features"]) for s in samples), np.int64, B)
+    L, N = int(text_lens.max()), int(region_lens.max())
+    filled = filled and first["_rows"][0]["features"].shape[1] == N  # (regions padded to the batch's most)
+    buffers = first["_rows"][0] if filled else {}
     arena = buffers.get("_arena")
     if not filled and torch.utils.data.get_worker_info() is not None:
         widths = {k: (first[k].shape[1], first[k].dtype) for k in _FIELDS[:3]}
@@ -435,11 +447,11 @@ def collate(samples: list[dict]) -> dict:
     return arena.pack(batch) if arena is not None else batch
 
 
-def _as_made(samples: list[dict], N: int) -> bool:
-    """Whether samples are rows 0..B-1 of one PairDataset batch of N regions, unedited: each one's arrays the
-    very ones it was made with (a loop of identity tests: a microsecond a sample less than a generator's)."""
+def _as_made(samples: list[dict]) -> bool:
+    """Whether samples are rows 0..B-1 of one PairDataset batch, unedited: each one's arrays the very ones
+    it was made with (a loop of identity tests: a microsecond a sample less than a generator's)."""
     first = samples[0].get("_rows")
-    if not first or first[0]["features"].shape[:2] != (len(samples), N):
+    if not first or len(first[0]["features"]) != len(samples):
         return False
     buffers = first[0]
     for b, s in enumerate(samples):
