@@ -420,13 +420,23 @@ class VinVLExtractor:
 
     def one(self, res4: Tensor, maps, hw, original_hw, given: Tensor | None) -> dict[str, Tensor]:
         """One image: res4 (1, 1024, Hf, Wf), its RPN maps, resized (h, w), original (H, W), given boxes."""
-        m, p = self.model, self.policy
         wh, owh = (int(hw[1]), int(hw[0])), (int(original_hw[1]), int(original_hw[0]))
-        if p.name == "given":
+        if self.policy.name == "given":
             return self.given(res4, given.to(res4.device, torch.float32), wh, owh)
+        return self.select(res4, self.regions(res4, maps, wh), wh, owh)
+
+    def regions(self, res4: Tensor, maps, wh) -> tuple[Tensor, Tensor, Tensor]:
+        """The box head on one image's proposals: (proposals (P, 4) resized px, features (P, 2048), class
+        probabilities (P, 1595)); what every policy but given selects from."""
+        m = self.model
         props, _ = m.proposals(maps[0], maps[1], wh)
         feats = m.box_features(res4, props)
-        probs = m.class_probs(feats)
+        return props, feats, m.class_probs(feats)
+
+    def select(self, res4: Tensor, regions, wh, owh) -> dict[str, Tensor]:
+        """The policy's detections from regions(): boxes to original px, attributes of the detected labels."""
+        m, p = self.model, self.policy
+        props, feats, probs = regions
         attr_feats = None
         if p.name == "regressed":
             cboxes = m.class_boxes(feats, props, wh)
