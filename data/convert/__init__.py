@@ -2,6 +2,7 @@
 
     tsv.py       bottom-up-attention TSV and LXMERT TSV (import and export)
     npz.py       UNITER-style npz folders (import and export)
+    oscar.py     Oscar / VinVL feature + label TSVs, 2048 + 6 position values (export)
     hdf5.py      HDF5: our lossless layout and the common padded layout (import and export)
     captions.py  COCO captions JSON, Karpathy split JSON, tables -> the trainer's caption manifest
     common.py    the import driver: parallel decode, ordered writes, bad-row handling, resume
@@ -18,7 +19,7 @@ import h5py
 from .common import ConvertError, ExportWarning, ImportResult, RowError, run_import
 
 IMPORT_FORMATS = ("butd_tsv", "lxmert_tsv", "uniter_npz", "hdf5")
-EXPORT_FORMATS = ("hdf5", "padded_hdf5", "lxmert_tsv", "butd_tsv", "uniter_npz")
+EXPORT_FORMATS = ("hdf5", "padded_hdf5", "lxmert_tsv", "butd_tsv", "uniter_npz", "oscar_tsv")
 
 
 def detect_format(paths: list[str]) -> str:
@@ -79,6 +80,10 @@ def export(source, out: str, fmt: str, *, max_boxes: int | None = None, progress
         from .npz import export_npz
 
         return export_npz(source, out, progress=progress)
+    if fmt == "oscar_tsv":  # OUT is a prefix: OUT.feature.tsv, OUT.label.tsv (+ .lineidx)
+        from .oscar import export_oscar
+
+        return export_oscar(source, out, progress=progress)
     raise ConvertError(f"unknown export format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")
 
 
