@@ -21,9 +21,11 @@ the original's 0.05 threshold; boxes in original pixels (the original's BoxList.
 
 Batching (issue 25 item 4): padding changes a C4 network's outputs (a padded image's res4 moves everywhere,
 bench/README.md's BUTD measurement), so images are never padded; images of the same resized shape need no
-padding and share one backbone pass (ImageInput.size_divisible = 1: the pipeline groups by exact shape).
-That is exact arithmetic, not bit-identical (CPU kernels are chosen by batch size), so it is within the
-parity tolerances, not at max |diff| 0. Regions (ROIAlign, res5, heads) run per image, as in the original.
+padding and share one backbone pass on CUDA (ImageInput.size_divisible = 1: the pipeline groups by exact
+shape). That is exact arithmetic, not necessarily bit-identical (kernels are chosen by batch size), so it is
+within the parity tolerances, not at max |diff| 0. On the CPU a stack was slower than one pass per image
+(bench/README.md), so there each image runs alone. Regions (ROIAlign, res5, heads) run per image, as in
+the original.
 
 The checkpoint and label map readers are extract/vinvl_weights.py.
 """
@@ -391,11 +393,15 @@ class VinVLExtractor:
     """VinVLDetector + a policy -> per image: boxes (original px), features (2048), class_probs (1595,
     background at 0), attr_probs (524), scores, labels (1..1594). Same call as the other families'."""
 
-    def __init__(self, model: VinVLDetector, policy: BoxPolicy):
+    def __init__(self, model: VinVLDetector, policy: BoxPolicy, stack: bool | None = None):
         if policy.name not in VINVL_POLICIES:
             raise ValueError(f"box policy {policy.name!r} does not apply to {NAME}; choose one of "
                              f"{', '.join(VINVL_POLICIES)}")
         self.model, self.policy = model.eval(), policy
+        # stack images of one resized shape into one backbone pass: None = on CUDA only. On the CPU it was
+        # slower (one thread, 600x800: 11.4-11.8 s for a stack of two vs 10.0-10.5 s for two passes,
+        # bench/README.md), with bit-identical res4, so the CPU runs one image per pass
+        self.stack = stack
 
     @torch.inference_mode()
     def __call__(self, images: list[Tensor], original_sizes: list[tuple[int, int]],
@@ -407,8 +413,9 @@ class VinVLExtractor:
             torch.backends.cudnn.allow_tf32 = False
         out: list[dict | None] = [None] * len(images)
         by_shape: dict[tuple, list[int]] = {}
+        stack = self.stack if self.stack is not None else bool(images and images[0].is_cuda)
         for i, im in enumerate(images):  # same resized shape: one backbone pass, no padding (exact)
-            by_shape.setdefault(tuple(im.shape), []).append(i)
+            by_shape.setdefault(tuple(im.shape) if stack else i, []).append(i)
         for ids in by_shape.values():
             res4 = self.model.res4(torch.stack([images[i].float() for i in ids]))
             logits, deltas = self.model.rpn_maps(res4) if self.policy.name != "given" else (None, None)

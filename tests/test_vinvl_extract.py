@@ -211,8 +211,9 @@ def test_a_bad_label_map_is_exit_2_before_any_image(tmp_path, small, capsys):
 
 
 def test_given_boxes_and_same_shape_batching(tmp_path, small):
-    """Given boxes: features of each box as given. Two images of one resized shape run as one backbone pass
-    (--batch-size 2): the same numbers as one at a time, within float32 rounding."""
+    """Given boxes: features of each box as given; --batch-size 1 or 2 give the same shard. Two images of one
+    resized shape stacked into one backbone pass (CUDA's default): the same numbers as one at a time,
+    within float32 rounding."""
     images = _images(tmp_path / "img")
     boxes = tmp_path / "boxes.jsonl"
     rows = {"im0": [[0, 0, 64, 48], [5, 6, 30, 40]], "im1": [[1, 2, 60, 39]], "im2": [[0, 0, 40, 64]]}
@@ -229,11 +230,18 @@ def test_given_boxes_and_same_shape_batching(tmp_path, small):
     model, _, _ = families.build_detector(DetectorSpec("vinvl_x152c4", str(small), 48, 64))
     calls = []
     model.backbone.body.stem.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
-    ex = vinvl.VinVLExtractor(model, vinvl.VinVLPolicy("given"))
     rgb = [np.asarray(Image.open(images / f"im{i}.png").convert("RGB")) for i in range(3)]
     xs = [model.transform.prepare(x) for x in rgb]
-    out = ex(xs, [x.shape[:2] for x in rgb], [torch.tensor(rows[f"im{i}"], dtype=torch.float32) for i in range(3)])
-    assert sorted(calls) == [(1, 3, 64, 40), (2, 3, 48, 64)] and len(out) == 3
+    given = [torch.tensor(rows[f"im{i}"], dtype=torch.float32) for i in range(3)]
+    stacked = vinvl.VinVLExtractor(model, vinvl.VinVLPolicy("given"), stack=True)(xs, [x.shape[:2] for x in rgb], given)
+    assert sorted(calls) == [(1, 3, 64, 40), (2, 3, 48, 64)] and len(stacked) == 3
+    # the default on the CPU: one image per pass (a stack was slower there), the same numbers within rounding
+    calls.clear()
+    alone = vinvl.VinVLExtractor(model, vinvl.VinVLPolicy("given"))(xs, [x.shape[:2] for x in rgb], given)
+    assert sorted(calls) == [(1, 3, 48, 64), (1, 3, 48, 64), (1, 3, 64, 40)]
+    for a, b in zip(stacked, alone, strict=True):
+        assert torch.allclose(a["features"], b["features"], atol=3e-4)
+        assert torch.equal(a["boxes"], b["boxes"])
 
 
 @pytest.mark.parametrize("policy", ["regressed", "nms_filter0", "nms_filter2", "fixed"])
