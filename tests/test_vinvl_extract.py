@@ -269,3 +269,17 @@ def test_policy_checks():
         fam.box_policy("nms_filter0", 0.3, 0.2, 10, 5)
     with pytest.raises(ValueError, match="--score-thresh"):
         fam.box_policy("regressed", 0.3, 0.2, 10, 100, 0.5)
+
+
+def test_random_weights_are_seeded_and_finite():
+    """--weights none (dry runs): a seeded init, the same for the same seed, finite outputs (small depths)."""
+    a, b, c = (vinvl.random_detector(seed, depths=(1, 1, 1, 1)) for seed in (0, 0, 1))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and not torch.equal(sa["rpn.head.conv.weight"],
+                                                                          sc["rpn.head.conv.weight"])
+    assert torch.equal(a.anchor_buffer(), vinvl.cell_anchors())
+    rgb = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    a.transform = vinvl.VinVLTransform(48, 64)
+    r = vinvl.VinVLExtractor(a, vinvl.VinVLPolicy("butd"))([a.transform.prepare(rgb)], [(48, 64)])[0]
+    assert len(r["boxes"]) >= 10 and all(bool(torch.isfinite(v).all()) for v in r.values())
+    assert float(r["features"].std(0).mean()) > 1e-3  # region features differ
