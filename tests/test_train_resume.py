@@ -89,8 +89,9 @@ def test_killed_run_resumes_with_the_same_losses(data, tmp_path):
     assert saved % EVERY == 0 and 2 * EVERY <= saved < stopped_at < STEPS, (saved, stopped_at)
     assert state["data"] == {"batches": saved, "world_size": 1, "seed": 0}
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(state)
-    # from scratch the moments are per task (optim.task_state=auto): every task's resumes, not only the last's
-    assert sorted(state["optimizer"]["task_states"]) == ["itm", "mlm", "mrc", "mrc_kl", "mrfr"]
+    # from scratch the moments are per task (optim.task_state=auto): those of every task trained so far are saved
+    trained = {k for s, losses in _losses(killed).items() if s <= saved for k in losses if k != "wra"}
+    assert sorted(state["optimizer"]["task_states"]) == sorted(trained) and len(trained) >= 3, trained
     assert not any(n.endswith(".tmp") for n in os.listdir(killed / "checkpoints"))
 
     r = subprocess.run(_command(data, killed, "--resume", "latest"), env=ENV, capture_output=True, text=True,
