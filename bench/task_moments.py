@@ -1,7 +1,8 @@
 """How far apart the tasks' Adam second moments are, from a checkpoint trained with optim.task_state=per_task
-(docs/itm-plateau.md): for each task against MLM's, the median over the encoder's weights of
-sqrt(v_task / v_mlm): the factor by which that task's steps on the encoder would be scaled down if it
-shared MLM's moments (Adam divides by sqrt(v)).
+(docs/itm-plateau.md). For each task, the median over the encoder's weight matrices (of each matrix's
+median element) of sqrt(v_task / v_shared), v_shared = sum over tasks of mix ratio x v_task: about the
+factor by which moments shared by every task (UNITER's) would scale that task's steps on the encoder
+(Adam divides by sqrt(v)), 1 where a task's gradients are as large as the mix's.
 
     python bench/task_moments.py RUN/checkpoints/step-00000500.pt [RUN/checkpoint.pt ...]
 """
@@ -33,16 +34,19 @@ def main(paths: list[str]) -> int:
         by_id = {id(p): n for n, p in model.named_parameters()}
         order = [by_id[id(p)] for p in decay + no_decay]
         enc = [i for i, n in enumerate(order) if n.startswith("encoder.layers.") and n.endswith("weight")]
-        ref = tasks.get("mlm")
+        mix = {t: r for t, r in state["config"]["tasks"]["mix"].items() if r and t in tasks}
+        total = sum(mix.values())
         line = [f"{path} (step {state['step']}):"]
         for task, st in sorted(tasks.items()):
-            if task == "mlm" or ref is None:
-                continue
-            ratios = [float((st[i]["exp_avg_sq"] / ref[i]["exp_avg_sq"].clamp_min(1e-30)).sqrt().median())
-                      for i in enc if i in st and i in ref]
+            ratios = []
+            for i in enc:
+                if i not in st or any(i not in tasks[t] for t in mix):
+                    continue
+                shared = sum(r / total * tasks[t][i]["exp_avg_sq"] for t, r in mix.items())
+                ratios.append(float((st[i]["exp_avg_sq"] / shared.clamp_min(1e-30)).sqrt().median()))
             if ratios:
                 r = torch.tensor(ratios)
-                line.append(f"{task} {r.median():.3g} (weights' medians {r.min():.2g}-{r.max():.2g})")
+                line.append(f"{task} {r.median():.2g} ({r.min():.2g}-{r.max():.2g})")
         print("  ".join(line))
     return 0
 
