@@ -9,8 +9,8 @@ The fast tests at the top check the generator alone (no training).
 The training tests are expected failures: issue 27 item 3 is open. With UNITER's optimizer (Adam's moments
 shared by every task) held-out ITM stayed at 0.50-0.51 through 1,500 steps on this world, while ITM
 trained alone leaves chance at step 300 and reaches 0.90 by 1,000. With the default from scratch now
-(`optim.task_state` = per task, docs/itm-plateau.md) it leaves chance at step 700-900 and ends at 0.75-0.78
-by 1,500 (seeds 0 and 1, `python bench/world_b.py 1500 SEED`): better, not yet the issue's >= 0.9. To keep
+(`optim.task_state` = per task, docs/itm-plateau.md) it leaves chance at step 500-900 and ends at 0.75-0.79
+by 1,500 (seeds 0-2, `python bench/world_b.py 1500 SEED`): better, not yet the issue's >= 0.9. To keep
 CI short the run here is 800 steps of the same config (optim.steps=800: the warm-up is the same, the decay
 faster); the day the recipe learns this world they XPASS, and get their floors.
 """
