@@ -112,7 +112,7 @@ def test_the_world_shares_no_kinds_or_templates_with_the_learning_tests():
 # ---- the default recipe, trained (expected failures: issue 27 item 3) ------------------------------------
 
 # not strict: an XPASS is reported (-ra) without failing CI on a machine where one run gets lucky
-OPEN = pytest.mark.xfail(strict=False, reason="issue 27 item 3: the default recipe stays at chance on world_b")
+OPEN = pytest.mark.xfail(strict=False, reason="issue 27 item 3: world_b leaves chance late, ends under 0.9")
 STEPS = 800
 
 
