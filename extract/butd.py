@@ -53,7 +53,7 @@ from .butd_weights import (
     read_pickle,
     reference_to_local,
 )
-from .detector import Family, ImageInput, warn_random_weights, weights_digest
+from .detector import Family, ImageInput, feature_layout, local_or_random, weights_digest
 from .policies import BoxPolicy
 
 NUM_CLASSES = 1600  # foreground; the classifier has 1601 outputs, background last
@@ -557,16 +557,8 @@ def build_butd(spec, **_overrides) -> tuple[BUTDDetector, list[str], dict]:
     names with background at 0, what to record). spec.weights: a .pkl path, or "none" (seeded random
     weights, dry runs only). Keyword overrides are torchvision builder settings: ignored here, as before the
     families were split."""
-    source, file_sha = spec.weights, None
-    if source.lower() == "none":
-        model, source = random_detector(spec.seed), "none"
-        warn_random_weights(NAME, spec.seed)
-    elif os.path.isfile(source):
-        model, file_sha = load_detector(source)
-        source = os.path.abspath(source)
-    else:
-        raise ValueError(f"--weights {spec.weights!r}: {NAME} needs the published checkpoint as a local file, "
-                         f"--weights PATH.pkl: {PUBLISHED}; or 'none' for a dry run")
+    needs = f"the published checkpoint as a local file, --weights PATH.pkl: {PUBLISHED}"
+    model, source, file_sha = local_or_random(spec, NAME, random_detector, load_detector, needs)
     model.transform = BUTDTransform(spec.min_size or 600, spec.max_size or 1000)
     model.attribute_names = attribute_names() if model.attributes else None
     info = {
@@ -597,11 +589,7 @@ def image_input(model: BUTDDetector) -> ImageInput:
     return ImageInput(model.transform.prepare, None)
 
 
-def layout(model: BUTDDetector) -> tuple[int, list[str] | None]:
-    return model.feature_dim, model.attribute_names
-
-
 FAMILY = Family(
     name="butd", detectors=(NAME,), policies=BUTD_POLICIES, default_sizes={NAME: (600, 1000)}, build=build_butd,
-    load_weights=read_weights, image_input=image_input, layout=layout, box_policy=BUTDPolicy,
+    load_weights=read_weights, image_input=image_input, layout=feature_layout, box_policy=BUTDPolicy,
     region_extractor=BUTDExtractor, autocast=False)

@@ -9,6 +9,7 @@ must provide.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +96,24 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
+
+
+def local_or_random(spec, name: str, random_detector: Callable, load_detector: Callable, needs: str):
+    """(model, source, the file's sha256 or None) for a family whose weights are one local file: --weights none
+    builds random_detector(spec.seed) with the random-weights warning, a file is load_detector(path) ->
+    (model, sha256), anything else is refused: "--weights X: NAME needs <needs>; or 'none' for a dry run"."""
+    if spec.weights.lower() == "none":
+        warn_random_weights(name, spec.seed, stacklevel=5)  # still names the caller of families.build_detector
+        return random_detector(spec.seed), "none", None
+    if os.path.isfile(spec.weights):
+        model, file_sha = load_detector(spec.weights)
+        return model, os.path.abspath(spec.weights), file_sha
+    raise ValueError(f"--weights {spec.weights!r}: {name} needs {needs}; or 'none' for a dry run")
+
+
+def feature_layout(model) -> tuple[int, list[str] | None]:
+    """Family.layout for a model that carries its feature_dim and attribute_names."""
+    return model.feature_dim, model.attribute_names
 
 
 def warn_random_weights(detector: str, seed: int, stacklevel: int = 4) -> None:

@@ -47,7 +47,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import nms, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .detector import Family, ImageInput, warn_random_weights, weights_digest
+from .detector import Family, ImageInput, feature_layout, local_or_random, weights_digest
 from .policies import BoxPolicy
 from .vinvl_weights import NAME, RELEASED_DEPTHS, WeightsError, read_checkpoint, read_labelmap
 
@@ -531,19 +531,11 @@ def build(spec, **_overrides) -> tuple[VinVLDetector, list[str], dict]:
     """The family's build (--detector vinvl_x152c4): (model, 1595 class names with background at 0, what
     the metadata records). spec.weights: the .pth path or "none" (seeded random, dry runs only);
     spec.labelmap: the label map JSON (names), checked against the checkpoint's counts before any image."""
-    source, file_sha = spec.weights, None
     labelmap = getattr(spec, "labelmap", None)
     if labelmap is not None:  # a bad label map fails before the 600 MB checkpoint is read
         classes, attrs = read_labelmap(labelmap, NUM_CLASSES - 1, NUM_ATTRS - 1)
-    if source.lower() == "none":
-        model, source = random_detector(spec.seed), "none"
-        warn_random_weights(NAME, spec.seed)
-    elif os.path.isfile(source):
-        model, file_sha = load_detector(source)
-        source = os.path.abspath(source)
-    else:
-        raise ValueError(f"--weights {spec.weights!r}: {NAME} needs the released checkpoint as a local file, "
-                         f"--weights PATH.pth: {PUBLISHED}; or 'none' for a dry run")
+    needs = f"the released checkpoint as a local file, --weights PATH.pth: {PUBLISHED}"
+    model, source, file_sha = local_or_random(spec, NAME, random_detector, load_detector, needs)
     if labelmap is None:  # names by index: the label map gives the real ones
         classes = [f"vg_class_{i}" for i in range(1, NUM_CLASSES)]
         attrs = [f"vg_attribute_{i}" for i in range(1, NUM_ATTRS)]
@@ -587,13 +579,9 @@ def image_input(model: VinVLDetector) -> ImageInput:
     return ImageInput(model.transform.prepare, 1)
 
 
-def layout(model: VinVLDetector) -> tuple[int, list[str] | None]:
-    return model.feature_dim, model.attribute_names
-
-
 FAMILY = Family(
     name="vinvl", detectors=(NAME,), policies=VINVL_POLICIES, default_sizes={NAME: (600, 1000)}, build=build,
-    load_weights=load_weights, image_input=image_input, layout=layout, box_policy=VinVLPolicy,
+    load_weights=load_weights, image_input=image_input, layout=feature_layout, box_policy=VinVLPolicy,
     region_extractor=VinVLExtractor, autocast=False)
 
 __all__ = ["FAMILY", "VinVLDetector", "VinVLExtractor", "VinVLPolicy", "VinVLTransform", "WeightsError", "build",
