@@ -280,10 +280,12 @@ def main() -> int:
                      for r in runs[version]]
             results[f"{version} in-process vs {floor}"] = ratio
             print(f"\nin-process / {floor} ({version}, samples per CPU-s): {spread(ratio, '.2f')}", end="")
-    print("\n\n| task | version | batches | padded tokens / budget: mean | max | batches over budget | padding |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    tasks = [t for t in runs["now"][0]["padding"] if t != "all"] + ["all"]
-    for task in tasks:
+    print()
+    tasks = [t for t in runs["now"][0].get("padding", {}) if t != "all"]  # none with --padding-batches 0
+    if tasks:
+        print("\n| task | version | batches | padded tokens / budget: mean | max | batches over budget | padding |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+    for task in tasks + ["all"] if tasks else []:
         for version in versions:
             s = runs[version][0]["padding"].get(task)
             if s is None:
