@@ -142,12 +142,23 @@ class PairDataset(torch.utils.data.Dataset):
             self.num_classes = len(shards.meta["class_names"])
         self._modes = {}  # task -> (mask text?, mask regions?)
         self._generators = Generators()  # per-sample generators, as np.random.default_rng(seed) makes them
-        # images whose record passed the record rules in this process: a shard is immutable, so each is
-        # checked once (a byte per image, as Pairs keeps per pair), and a later epoch's batches cost nothing
-        self._checked = np.zeros(pairs.num_images, dtype=bool)
+        # images whose record passed the record rules: a shard is immutable, so each is checked once (a byte
+        # per image, as Pairs keeps per pair), and a later epoch's batches cost nothing. In shared memory, so
+        # that an image checked by one loader worker is not checked again by each of the others (with N
+        # workers the first epoch checked every image N times, and the Record each check needs is dearer
+        # than a read_into: 2% of a benchmark's samples took that path again with 2 workers, 0.1% with one)
+        self._checked_flags = torch.zeros(max(pairs.num_images, 1), dtype=torch.bool).share_memory_()
+        self._checked = self._checked_flags.numpy()[:pairs.num_images]
         self._text_lens = text_lengths(pairs)  # each pair's text length: the table's shared int16 array
         self._pool = pairs.pool  # image -> ShardSet index (the table's shared array, not a list of ints: issue 24)
         self.ring_slots = 8  # shared batch buffers per loader worker (build_data: prefetch_factor + 4)
+
+    def __getstate__(self) -> dict:  # (a spawned worker: the flags' shared memory, not a copy of them)
+        return {k: v for k, v in self.__dict__.items() if k != "_checked"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._checked = self._checked_flags.numpy()[:self.pairs.num_images]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -193,9 +204,12 @@ class PairDataset(torch.utils.data.Dataset):
             buffers = {k: arena.array((B, N, w), dt) for k, (w, dt) in widths.items()}
             buffers["_arena"] = arena
             feats, locs, probs_buf = (buffers[k] for k in widths)
-        fresh = np.flatnonzero(~self._checked[img])  # rows of images the rules have not checked yet
+        # rows of images the rules have not checked yet: one snapshot (another worker may set flags meanwhile)
+        unchecked = ~self._checked[img]
+        fresh = np.flatnonzero(unchecked)
         if len(fresh):
             boxes, sizes, used = np.zeros((B, N, 4), np.float32), np.ones((B, 2)), np.zeros(B, np.int64)
+            unchecked = unchecked.tolist()
         modes_of, records = self._modes, self._pool[img].tolist()  # each row's record in the ShardSet
         loc, no_probs = "loc7" if loc7 else "loc5", not self.num_classes  # (every record's C is its shard's)
         ids, texts = self._texts(ps, text_lens, L)
@@ -204,7 +218,7 @@ class PairDataset(torch.utils.data.Dataset):
             image = images[j]
             modes = modes_of.get(task) or modes_of.setdefault(task, modalities(task, self.masking))
             frow, lrow, prow = feats[j], locs[j], probs_buf[j]
-            if len(fresh) and not self._checked[image]:  # first read of this image here: the record rules
+            if len(fresh) and unchecked[j]:  # the first read of this image: the record rules
                 rec = shards[records[j]]  # (its boxes and image size too: a Record)
                 n, name = min(rec.num_boxes, cap), rec.id
                 if n > N:
@@ -300,7 +314,7 @@ class PairDataset(torch.utils.data.Dataset):
         (vectorised): a shard that nobody ran `verify` on cannot train the model on boxes outside the image,
         location vectors that do not match the boxes, class distributions that are not distributions (or,
         checked as each record is copied, NaN features). A ShardError names the shard, the record and
-        every rule it breaks. Each image once per process (self._checked)."""
+        every rule it breaks. Each image once (self._checked, shared by the loader's workers)."""
         bad = check_batch(boxes, sizes, lens, locs, probs if self.num_classes else None)
         if len(bad):
             self._refuse(images[int(bad[0])])
