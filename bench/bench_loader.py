@@ -14,8 +14,9 @@ machine; figures are medians with the range over the repetitions.
   (on the CPU; nothing moved to a device), --batches batches after --warm untimed ones.
 - 1 / 2 workers: the same loader with `num_workers` 1 and 2 (persistent workers, prefetch 4, as
   `build_data` makes it). CPU time is summed over all processes: the main process's (time.process_time)
-  and each worker's (/proc/PID/stat), between two points of one iterator in its steady state (each
-  worker then as far ahead as the prefetch lets it), so every process's CPU counts and nothing else.
+  and each worker's (its threads' run time, /proc/PID/task/*/schedstat), between two points of one
+  iterator in its steady state (each worker then as far ahead as the prefetch lets it), so every
+  process's CPU counts and nothing else.
   `main us/sample` is what the training process itself spends: the rest of the node's cores feed it.
 - floor: the same records of the same batches (ITM negatives included), read through the same ShardSet
   with checksums on, features, locations and class probabilities copied into a preallocated buffer of the
@@ -67,10 +68,19 @@ def make_data(out: str, images: int, dim: int) -> dict:
 
 
 def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """CPU seconds (user + system) of a process so far: the sum over its threads of the scheduler's run time
+    (/proc/PID/task/*/schedstat, nanoseconds), or where that is missing utime + stime from /proc/PID/stat,
+    which count in clock ticks (10 ms: +-2% of a worker's half second in a timed pass)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def samples_of(batch) -> int:
