@@ -14,9 +14,9 @@ machine; figures are medians with the range over the repetitions.
   (on the CPU; nothing moved to a device), --batches batches after --warm untimed ones.
 - 1 / 2 workers: the same loader with `num_workers` 1 and 2 (persistent workers, prefetch 4, as
   `build_data` makes it). CPU time is summed over all processes: the main process's (time.process_time)
-  and each worker's (its threads' run time, /proc/PID/task/*/schedstat), between two points of one
-  iterator in its steady state (each worker then as far ahead as the prefetch lets it), so every
-  process's CPU counts and nothing else.
+  and each worker's (its CPU-time clock, as clock_getcpuclockid gives it), between two points of one
+  iterator in its steady state, each taken with every worker idle and as far ahead as the prefetch lets
+  it (worker_pass), so every process's CPU counts and nothing else, for exactly --batches batches each.
   `main us/sample` is what the training process itself spends: the rest of the node's cores feed it.
 - floor: the same records of the same batches (ITM negatives included), read through the same ShardSet
   with checksums on, features, locations and class probabilities copied into a preallocated buffer of the
@@ -68,16 +68,13 @@ def make_data(out: str, images: int, dim: int) -> dict:
 
 
 def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a process so far: the sum over its threads of the scheduler's run time
-    (/proc/PID/task/*/schedstat, nanoseconds), or where that is missing utime + stime from /proc/PID/stat,
-    which count in clock ticks (10 ms: +-2% of a worker's half second in a timed pass)."""
+    """CPU seconds (user + system) of a process so far, all its threads, those that ended too: its CPU-time
+    clock (the clock id glibc's clock_getcpuclockid makes, nanoseconds), or where that cannot be read
+    utime + stime from /proc/PID/stat, which count in clock ticks (10 ms: +-2% of a worker's half second
+    of CPU in a timed pass)."""
     try:
-        total = 0
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        return total / 1e9
-    except (OSError, ValueError, IndexError):
+        return time.clock_gettime_ns((~pid << 3) | 2) / 1e9  # (Linux: CPUCLOCK_SCHED of process pid)
+    except (OSError, OverflowError):
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
         return (int(fields[11]) + int(fields[12])) / TICK
@@ -88,21 +85,50 @@ def samples_of(batch) -> int:
 
 
 def worker_pass(loader, warm: int, batches: int) -> dict:
-    """One iterator: warm batches untimed (workers start, buffers fill), then `batches` timed."""
+    """One iterator: warm batches untimed (workers start, buffers fill), then `batches` timed.
+
+    With workers, both ends of the timed pass are taken with every worker idle, each batch it was given
+    done (torch keeps prefetch_factor x workers batches asked for ahead of the one consumed): between the
+    two, the workers did exactly `batches` batches' work, those `ahead` positions later in the stream than
+    the ones consumed, whose samples their CPU is divided by (worker_samples; worker_cpu is given per
+    consumed sample x the consumed samples, so the table's arithmetic is the same). Without that, a pass
+    began with the workers ahead by as much as the prefetch lets them and ended wherever they were, and
+    a ring buffer first made (and its pages first touched) at some point of a pass counted in it or not."""
     it = iter(loader)
     for batch in itertools.islice(it, warm):
         del batch
     inner = loader._iterator  # the DataLoader's own iterator: its worker processes
     pids = [w.pid for w in getattr(inner, "_workers", [])]
-    c0, w0, t0 = time.process_time(), [proc_cpu(p) for p in pids], time.perf_counter()
-    n = 0
+    ahead = (loader.prefetch_factor or 0) * len(pids)
+    w0 = settle(pids)
+    c0, t0 = time.process_time(), time.perf_counter()
+    sizes = []
     for batch in itertools.islice(it, batches):
-        n += samples_of(batch)
+        sizes.append(samples_of(batch))
         del batch
-    c1, w1, t1 = time.process_time(), [proc_cpu(p) for p in pids], time.perf_counter()
+    c1, t1 = time.process_time(), time.perf_counter()
+    w1 = settle(pids)
+    n, worked, cpu = sum(sizes), sum(sizes), sum(w1) - sum(w0)
+    if pids:  # the batches the workers made meanwhile: the consumed ones shifted by `ahead`
+        later = [samples_of(b) for b in itertools.islice(it, ahead)]
+        worked = sum(sizes[ahead:]) + sum(later)
     receiver = getattr(loader, "receiver", None)  # shared buffers the workers made (a ring each), if any
-    return {"samples": n, "main_cpu": c1 - c0, "worker_cpu": sum(w1) - sum(w0), "wall": t1 - t0,
+    return {"samples": n, "main_cpu": c1 - c0, "worker_cpu": cpu * n / worked if worked else 0.0,
+            "worker_cpu_raw": cpu, "worker_samples": worked, "wall": t1 - t0,
             "buffers_received": receiver.received if receiver else None}
+
+
+def settle(pids: list[int], quiet: int = 3, interval: float = 0.03, limit: float = 10.0) -> list[float]:
+    """The workers' CPU seconds once each has stopped using CPU (quiet intervals in a row with under 0.2 ms),
+    i.e. every batch asked of it done; at most `limit` seconds of waiting."""
+    last = [proc_cpu(p) for p in pids]
+    still, end = 0, time.perf_counter() + limit
+    while pids and still < quiet and time.perf_counter() < end:
+        time.sleep(interval)
+        now = [proc_cpu(p) for p in pids]
+        still = still + 1 if sum(now) - sum(last) < 2e-4 else 0
+        last = now
+    return last
 
 
 def floor_pass(dataset, keys: list[list[tuple]], bufs) -> int:
