@@ -35,8 +35,8 @@ POLICY = BoxPolicy("butd", conf_thresh=0.2, min_boxes=1, max_boxes=5)
 STAGES = ("draw", "detector", "extract", "verify", "picture", "pretrain", "evaluate")
 
 # What the quickstart exists to show (issue 15): on held-out images, image-text matching at least 0.85 and
-# R@1 at least 5x guessing both ways. Runs on the 2-core development machine end at ITM 0.911-0.946, R@1
-# 19-31% / 13-30% over pretraining and detector seeds (bench/README.md, "Robustness")
+# R@1 at least 5x guessing both ways. Runs on the 2-core development machine end at ITM 0.911-0.951, R@1
+# 17-32% / 9-30% over 5 pretraining seeds x 3 detector seeds x 1 and 2 threads (bench/README.md, "Robustness")
 ITM_GOAL, RECALL_GOAL = 0.85, 5
 
 # printed once before pretraining: what the loss names in its progress lines mean (train/tasks/itm_wra.py for wra)
@@ -145,8 +145,9 @@ def pretrain_args(data: dict, shard_dir: str, run_dir: str, steps: int, seed: in
     (2 layers, 128 wide, FFN 256), no dropout (a step 15% faster on a CPU, and 1,200 captions do not
     overfit a 0.3M-parameter model), lr 1.5e-3 after 60 warm-up steps, 4096 tokens a batch, and a held-out
     evaluation every 150 steps (curves.png) and at the end. 1,300 steps: over pretraining seeds, detector
-    seeds (bench/README.md, "Robustness") ITM's training loss left ln 2 between steps 200 and 275 and held-out
-    ITM ended at 0.911-0.946 (with UNITER's shared Adam moments: 325-525 and 0.898-0.952 over 30 runs), so
+    seeds and thread counts (bench/README.md, "Robustness", 30 runs) ITM's training loss left ln 2 between
+    steps 175 and 275 and held-out ITM ended at 0.911-0.951 (with UNITER's shared Adam moments: 325-525 and
+    0.898-0.952 over 30 runs), so
     the run spends most of its steps above chance."""
     sets = {"data.shards": [shard_dir], "data.captions": data["captions"], "data.tokenizer": data["vocab"],
             "data.split": "train", "data.num_workers": 1, "data.token_budget": 4096,
