@@ -55,3 +55,10 @@ def progress(n):
 write_synthetic_shard(sys.argv[1], 40, feature_dim=16, min_boxes=0, max_boxes=5, seed=3, progress=progress)
 print("finished", flush=True)
 """
+
+
+# a tiny model on tests/train_synth.py write_dataset's data, every task in the mix, no workers unless asked:
+# the loader tests' settings
+LOADER_TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+        "model.max_text_len=24", "data.token_budget=600", "data.num_workers=0", "data.eval_split=null",
+        "run.device=cpu", 'tasks.mix={"mlm":1,"mrfr":1,"mrc":1,"mrc_kl":1,"itm":1}', "data.split=null"]

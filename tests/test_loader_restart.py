@@ -11,15 +11,12 @@ import time
 
 import pytest
 import torch
+from helpers import LOADER_TINY as TINY
 from train_synth import write_dataset
 
 from regionbert.train.config import load_config
 from regionbert.train.data import Loader, collate
 from regionbert.train.run import build_data
-
-TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
-        "model.max_text_len=24", "data.token_budget=600", "data.num_workers=0", "data.eval_split=null",
-        "run.device=cpu", 'tasks.mix={"mlm":1,"mrfr":1,"mrc":1,"mrc_kl":1,"itm":1}', "data.split=null"]
 
 
 @pytest.fixture(scope="module")
