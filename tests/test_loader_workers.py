@@ -101,9 +101,11 @@ def test_ring_marks_slots_busy_and_reuses_free_ones():
     a = ring.arena(1000)
     b = ring.arena(1000)
     assert (a.slot, b.slot) == (0, 1) and a.send and b.send and ring.flags[:3].tolist() == [1, 1, 0]
-    t = a.take((10, 3), np.float16)
-    u = a.take((5,), np.int64)
-    assert t.data_ptr() % 64 == 0 == u.data_ptr() % 64 and u.data_ptr() - t.data_ptr() == 64
+    t = a.array((10, 3), np.float16)
+    u = a.array((5,), np.int64)
+    assert t.ctypes.data % 64 == 0 == u.ctypes.data % 64 and u.ctypes.data - t.ctypes.data == 64
+    assert t.ctypes.data == a.storage.data_ptr() and (t.shape, t.dtype, u.shape, u.dtype) == \
+        ((10, 3), np.float16, (5,), np.int64)
     ring.flags[0] = 0  # the main process consumed slot 0's batch
     again = ring.arena(900)
     assert again.slot == 0 and not again.send and again.storage is a.storage  # reused, not sent again
@@ -115,7 +117,7 @@ def test_ring_marks_slots_busy_and_reuses_free_ones():
     assert grown.slot == 1 and grown.send and grown.storage.nbytes() >= 5000
     assert ring.allocated == 5
     with pytest.raises(RuntimeError, match="too small"):
-        grown.take((8000,), np.uint8)
+        grown.array((8000,), np.uint8)
 
 
 def test_collate_in_process_takes_the_masked_arrays_as_they_are(data):

@@ -522,22 +522,15 @@ class Arena:
         self.placed[id(out)] = (out, start)
         return out
 
-    def take(self, shape: tuple, dtype) -> torch.Tensor:
-        """An uninitialised tensor of shape and (numpy) dtype in the buffer (a view of `array`'s)."""
-        return torch.from_numpy(self.array(shape, dtype))
-
     def pack(self, batch: dict) -> dict:
-        """The batch as it goes to the main process: each of its arrays (or tensors) in the buffer as (byte
-        offset, dtype, shape), the buffer sent along only the first time (the main process keeps it mapped)."""
+        """The batch as it goes to the main process: each of its arrays made by `array` as (byte offset,
+        dtype, shape) in the buffer, the buffer sent along only the first time (the main process keeps it
+        mapped); anything else (a copy or view of such an array included) goes by value."""
         layout, out, placed = {}, {}, self.placed
-        base = self.flat.ctypes.data
-        end = base + self.used
         for k, v in batch.items():
             p = placed.get(id(v))
             if p is not None and p[0] is v:  # an array of `array`, as made
                 layout[k] = (p[1], TORCH_DTYPES[v.dtype], v.shape)
-            elif torch.is_tensor(v) and base <= v.data_ptr() < end and v.is_contiguous():
-                layout[k] = (v.data_ptr() - base, v.dtype, tuple(v.shape))
             else:
                 out[k] = v
         out["_wire"] = (os.getpid(), self.slot, self.storage if self.send else None,
