@@ -187,9 +187,12 @@ class PairDataset(torch.utils.data.Dataset):
         are its own."""
         pairs, shards, cap, loc7 = self.pairs, self.shards, self.max_regions, self.loc_dim == 7
         B = len(keys)
-        ps = np.fromiter((k[1] for k in keys), np.int64, B)
-        shown = np.fromiter((k[2] for k in keys), np.int64, B)
-        img = np.where(shown < 0, pairs.image[ps], shown)
+        if isinstance(keys, BatchKeys):  # (TaskSampler's: its arrays as they are)
+            ps, img = keys.pairs.astype(np.int64), keys.shown(pairs.image)
+        else:
+            ps = np.fromiter((k[1] for k in keys), np.int64, B)
+            shown = np.fromiter((k[2] for k in keys), np.int64, B)
+            img = np.where(shown < 0, pairs.image[ps], shown)
         images, text_lens = img.tolist(), self._text_lens[ps]
         N, L = int(pairs.num_boxes[img].max(initial=0)), int(text_lens.max(initial=0))  # num_boxes: capped
         meta = shards.meta
@@ -963,6 +966,67 @@ def _compact(batches: Batches, other: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return batches.starts, batches.flat, other.astype(batches.flat.dtype)
 
 
+class BatchKeys(collections.abc.Sequence):
+    """One batch's dataset keys, [(task, pair, other image, seed prefix + (j,)) for each row j], kept as
+    the task, the pairs' and shown images' index arrays and the seed's common prefix: what TaskSampler
+    yields. It is a sequence of exactly those tuples (equal to a list of them), made only when asked for.
+
+    With loader workers every batch's keys are pickled in the main process (by the index queue's feeder
+    thread) and unpickled in a worker: as 100+ tuples that cost ~15 us and ~11 us a batch, paid by the
+    worker path alone; here they go as two byte strings (`__reduce__`: ~3 us), and PairDataset reads the
+    arrays as they are."""
+
+    __slots__ = ("task", "pairs", "others", "prefix")
+
+    def __init__(self, task: str, pairs: np.ndarray, others: np.ndarray | None, prefix: tuple):
+        if pairs.dtype.kind not in "iu":  # (integers: their bytes are what is pickled)
+            pairs = pairs.astype(np.int64)
+        if others is not None and others.dtype.kind not in "iu":
+            others = others.astype(np.int64)
+        self.task, self.pairs, self.others, self.prefix = task, pairs, others, prefix  # others None: all -1
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return list(self)[j]
+        j = range(len(self.pairs))[j]  # (an IndexError past either end; a negative j from the end)
+        return (self.task, int(self.pairs[j]), -1 if self.others is None else int(self.others[j]), self.prefix + (j,))
+
+    def __iter__(self):
+        task, prefix = self.task, self.prefix
+        pairs = self.pairs.tolist()
+        others = [-1] * len(pairs) if self.others is None else self.others.tolist()
+        return ((task, p, o, prefix + (j,)) for j, (p, o) in enumerate(zip(pairs, others, strict=True)))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, collections.abc.Sequence):
+            return NotImplemented
+        return len(other) == len(self) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"BatchKeys({list(self)!r})"
+
+    def __reduce__(self):
+        others = None if self.others is None else (self.others.tobytes(), self.others.dtype.str)
+        return _batch_keys, (self.task, self.pairs.tobytes(), self.pairs.dtype.str, others, self.prefix)
+
+    def shown(self, image: np.ndarray) -> np.ndarray:
+        """The image each row shows (its pair's own, or the other image), int64, given pair -> image."""
+        own = image[self.pairs]
+        shown = own if self.others is None else np.where(self.others < 0, own, self.others)
+        return shown.astype(np.int64, copy=False)
+
+
+def _batch_keys(task: str, pairs: bytes, dtype: str, others, prefix: tuple) -> BatchKeys:
+    """BatchKeys from its pickled form (read-only arrays over the pickle's bytes: nothing copied)."""
+    others = None if others is None else np.frombuffer(others[0], others[1])
+    return BatchKeys(task, np.frombuffer(pairs, dtype), others, prefix)
+
+
 class TaskSampler:
     """An endless stream of batches of dataset keys (task, pair, other_image, seed), one task per batch.
 
@@ -1031,21 +1095,24 @@ class TaskSampler:
                     yield self.itm_keys(epoch, itm_steps - 1)
                 else:
                     b = g * W + self.process_rank
-                    yield self.keys(batches[b], epoch, b, g, task)
+                    batch = batches.flat[batches.starts[b]:batches.starts[b + 1]] if isinstance(batches, Batches) \
+                        else batches[b]  # (the array itself: no list of Python ints made for BatchKeys)
+                    yield self.keys(batch, epoch, b, g, task)
 
     def task(self, epoch: int, group: int) -> str:
         """The task of an epoch's group of batches (the same on every rank)."""
         rng = np.random.default_rng([self.seed, epoch, group])
         return self.tasks[rng.choice(len(self.tasks), p=self.probs)]
 
-    def keys(self, batch: list[int], epoch: int, b: int, group: int | None = None,
-             task: str | None = None) -> list[tuple]:
+    def keys(self, batch, epoch: int, b: int, group: int | None = None,
+             task: str | None = None) -> BatchKeys:
         """The dataset keys of batch b of an epoch's pair batches; its task comes from its group (the
         step's batches). An ITM step takes its batch from itm_keys instead (here, for a pair batch drawn
         ITM, its negatives are swapped in: the pairs' own lengths, not a batch the budget holds for)."""
         group = b if group is None else group
+        batch = np.asarray(batch, dtype=np.int64) if isinstance(batch, list) else batch
         if task is not None and task != "itm":  # drawn already (self.task): no negatives to draw
-            return [(task, p, -1, (self.seed, epoch, b, j)) for j, p in enumerate(batch)]
+            return BatchKeys(task, batch, None, (self.seed, epoch, b))
         rng = np.random.default_rng([self.seed, epoch, group])  # the same on every rank
         task = self.tasks[rng.choice(len(self.tasks), p=self.probs)]
         if self.world_size > 1:  # negatives: this rank's own draws
@@ -1054,8 +1121,7 @@ class TaskSampler:
         if task == "itm":
             neg = rng.random(len(batch)) < self.neg_prob
             other = np.where(neg, self.negatives(self.pairs.image[batch], rng), -1)
-        return [(task, p, int(o), (self.seed, epoch, b, j))
-                for j, (p, o) in enumerate(zip(batch, other.tolist(), strict=True))]
+        return BatchKeys(task, batch, other if task == "itm" else None, (self.seed, epoch, b))
 
     def itm_batches(self, epoch: int, round_: int) -> tuple[Batches, np.ndarray]:
         """One round of ITM's stream in an epoch: (batches of pair indices, the image each pair shows:
@@ -1070,7 +1136,7 @@ class TaskSampler:
         real = text + self.pairs.num_boxes[np.where(other < 0, own, other)]
         return self.buckets.batches(epoch, lengths=real, rng=rng), other
 
-    def itm_keys(self, epoch: int, j: int) -> list[tuple]:
+    def itm_keys(self, epoch: int, j: int) -> BatchKeys:
         """The keys of this rank's batch for the j-th ITM step of an epoch: ITM batch j * world_size + rank
         of the epoch's ITM stream (rounds of itm_batches one after the other, each dealt out whole groups
         of world_size; a round used up, the next begins, with new negatives)."""
@@ -1091,9 +1157,9 @@ class TaskSampler:
                                  "lower data.token_budget or use more data")
             g -= count // W
         b = g * W + self.process_rank
-        batch = flat[starts[b]:starts[b + 1]].tolist()
-        return [("itm", p, int(o), (self.seed, epoch, 0xFFFFFFFF - r, b, j))
-                for j, (p, o) in enumerate(zip(batch, other[batch].tolist(), strict=True))]
+        keys = BatchKeys("itm", flat[starts[b]:starts[b + 1]], None, (self.seed, epoch, 0xFFFFFFFF - r, b))
+        keys.others = np.asarray(other[keys.pairs], dtype=keys.pairs.dtype)
+        return keys
 
     def negatives(self, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """For each image in own, another image: near it in box count (see above), never itself."""
