@@ -9,10 +9,11 @@ from collections import Counter
 import lmdb
 import numpy as np
 import pytest
-from test_box_counts import _records, _resident_pages, _strip_table, _synth
+from test_box_counts import _edit_meta, _hostile_tables, _raw_table, _records, _resident_pages, _strip_table, _synth
 
 from regionbert.data import ShardError, ShardReader
 from regionbert.data.cli import main as shards_main
+from regionbert.data.format import box_chunk_key
 from regionbert.data.index import summarize
 
 
@@ -84,3 +85,20 @@ def test_inspect_of_a_format_1_0_shard_counts_from_headers_and_says_so(tmp_path)
     _strip_table(path)
     with pytest.warns(UserWarning, match="no box-count table"):
         assert summarize(path)["boxes_per_image"] == expected
+
+
+@pytest.mark.parametrize("how", ["longer", "absurd", "declared-missing"])
+def test_inspect_of_a_forged_table_exits_2_naming_the_shard(tmp_path, capsys, how):
+    """A stranger's shard whose box-count table lies (a count too many, absurd counts, declared but absent):
+    `inspect` stops with exit code 2 and one message naming the shard and the table, prints no histogram,
+    and leaves the shard as it was."""
+    path = _synth(tmp_path / "f", 40, min_boxes=1)
+    real = np.frombuffer(_raw_table(path)[box_chunk_key(0)], "<u4")
+    edit, says = _hostile_tables(real)[how]
+    _edit_meta(path, edit)
+    listing = {n: os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)}
+    assert shards_main(["inspect", path]) == 2
+    out, err = capsys.readouterr()
+    assert "boxes per image" not in out and "Traceback" not in err, (out, err)
+    assert path in err and says in err, err
+    assert {n: os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)} == listing
