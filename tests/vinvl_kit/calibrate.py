@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from make_weights import encode_f32
-from torchvision.ops import nms, roi_align
+from torchvision.ops import roi_align
 
 TARGETS = {  # layer: (target std, std of the per-unit target means)
     "rpn.head.cls_logits": (1.2, 0.5),
@@ -68,20 +68,9 @@ def backbone(sd, path):
 
 def features(sd, heads, x, t, size):
     """2048-d features of the 300 proposals of the calibrated RPN (docs/vinvl-spec.md sections 4-6)."""
-    ow, oh = size
     logits, _ = apply(t, sd, "rpn.head.cls_logits", *heads["rpn.head.cls_logits"])
     deltas, _ = apply(t, sd, "rpn.head.bbox_pred", *heads["rpn.head.bbox_pred"])
-    hf, wf = logits.shape[-2:]
-    obj = logits.permute(0, 2, 3, 1).reshape(-1).sigmoid()
-    dl = deltas.view(1, 15, 4, hf, wf).permute(0, 3, 4, 1, 2).reshape(-1, 4)
-    sy, sx = torch.meshgrid(torch.arange(0, hf * 16, 16.0), torch.arange(0, wf * 16, 16.0), indexing="ij")
-    shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), 1)
-    anchors = (shifts.view(-1, 1, 4) + sd["rpn.anchor_generator.cell_anchors.0"].view(1, -1, 4)).reshape(-1, 4)
-    score, idx = obj.topk(min(6000, obj.numel()))
-    props = ca.decode(dl[idx], anchors[idx], (1.0, 1.0, 1.0, 1.0))
-    props[:, 0::2] = props[:, 0::2].clamp(0, ow - 1)
-    props[:, 1::2] = props[:, 1::2].clamp(0, oh - 1)
-    props = props[nms(props, score, 0.7)[:300]]
+    props, _ = ca.proposals(sd, logits, deltas, size)
     rois = torch.cat([torch.zeros(len(props), 1), props], 1)
     r5 = ca.stage(roi_align(x, rois, (14, 14), 1 / 16.0, 0, aligned=False), sd,
                   "roi_heads.box.feature_extractor.head.layer4.", 2)

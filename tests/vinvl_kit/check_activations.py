@@ -85,6 +85,24 @@ def decode(deltas, boxes, weights):
     return out
 
 
+def proposals(sd, logits, deltas, size):
+    """spec section 3, after the RPN head: the 300 proposals (P, 4) and their objectness (P,) from the head's
+    logits (1, 15, H, W) and deltas (1, 60, H, W): the top 6,000 anchors decoded, clipped, NMS 0.7."""
+    ow, oh = size
+    hf, wf = logits.shape[-2:]
+    obj = logits.permute(0, 2, 3, 1).reshape(-1).sigmoid()
+    dl = deltas.view(1, 15, 4, hf, wf).permute(0, 3, 4, 1, 2).reshape(-1, 4)
+    sy, sx = torch.meshgrid(torch.arange(0, hf * 16, 16.0), torch.arange(0, wf * 16, 16.0), indexing="ij")
+    shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), 1)
+    anchors = (shifts.view(-1, 1, 4) + sd["rpn.anchor_generator.cell_anchors.0"].view(1, -1, 4)).reshape(-1, 4)
+    score, idx = obj.topk(min(6000, obj.numel()))
+    props = decode(dl[idx], anchors[idx], (1.0, 1.0, 1.0, 1.0))
+    props[:, 0::2] = props[:, 0::2].clamp(0, ow - 1)
+    props[:, 1::2] = props[:, 1::2].clamp(0, oh - 1)
+    keep = nms(props, score, 0.7)[:300]
+    return props[keep], score[keep]
+
+
 @torch.no_grad()
 def main():
     ap = argparse.ArgumentParser()
@@ -107,19 +125,8 @@ def main():
     deltas = F.conv2d(t, sd["rpn.head.bbox_pred.weight"], sd["rpn.head.bbox_pred.bias"])
     stats("rpn logits", logits)
     stats("rpn deltas", deltas)
-    hf, wf = logits.shape[-2:]
-    obj = logits.permute(0, 2, 3, 1).reshape(-1).sigmoid()
-    dl = deltas.view(1, 15, 4, hf, wf).permute(0, 3, 4, 1, 2).reshape(-1, 4)
-    sy, sx = torch.meshgrid(torch.arange(0, hf * 16, 16.0), torch.arange(0, wf * 16, 16.0), indexing="ij")
-    shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), 1)
-    anchors = (shifts.view(-1, 1, 4) + sd["rpn.anchor_generator.cell_anchors.0"].view(1, -1, 4)).reshape(-1, 4)
-    score, idx = obj.topk(min(6000, obj.numel()))
-    props = decode(dl[idx], anchors[idx], (1.0, 1.0, 1.0, 1.0))
-    props[:, 0::2] = props[:, 0::2].clamp(0, ow - 1)
-    props[:, 1::2] = props[:, 1::2].clamp(0, oh - 1)
-    keep = nms(props, score, 0.7)[:300]
-    props = props[keep]
-    print("proposals", len(props), "distinct sigmoid scores", len(torch.unique(score[keep])))
+    props, kept = proposals(sd, logits, deltas, (ow, oh))
+    print("proposals", len(props), "distinct sigmoid scores", len(torch.unique(kept)))
     rois = torch.cat([torch.zeros(len(props), 1), props], 1)
     pooled = roi_align(x, rois, (14, 14), 1 / 16.0, 0, aligned=False)
     stats("pooled", pooled)

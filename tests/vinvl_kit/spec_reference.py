@@ -27,22 +27,11 @@ def backbone(sd, x):
 
 def rpn(sd, res4, size):
     """spec section 3 -> (logits map 15xHxW, proposals Px4, objectness P)."""
-    ow, oh = size
     t = F.relu(F.conv2d(res4, sd["rpn.head.conv.weight"], sd["rpn.head.conv.bias"], padding=1))
     logits = F.conv2d(t, sd["rpn.head.cls_logits.weight"], sd["rpn.head.cls_logits.bias"])
     deltas = F.conv2d(t, sd["rpn.head.bbox_pred.weight"], sd["rpn.head.bbox_pred.bias"])
-    hf, wf = logits.shape[-2:]
-    obj = logits.permute(0, 2, 3, 1).reshape(-1).sigmoid()
-    dl = deltas.view(1, 15, 4, hf, wf).permute(0, 3, 4, 1, 2).reshape(-1, 4)
-    sy, sx = torch.meshgrid(torch.arange(0, hf * 16, 16.0), torch.arange(0, wf * 16, 16.0), indexing="ij")
-    shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), 1)
-    anchors = (shifts.view(-1, 1, 4) + sd["rpn.anchor_generator.cell_anchors.0"].view(1, -1, 4)).reshape(-1, 4)
-    score, idx = obj.topk(min(6000, obj.numel()))
-    props = ca.decode(dl[idx], anchors[idx], (1.0, 1.0, 1.0, 1.0))
-    props[:, 0::2] = props[:, 0::2].clamp(0, ow - 1)
-    props[:, 1::2] = props[:, 1::2].clamp(0, oh - 1)
-    keep = nms(props, score, 0.7)[:300]
-    return logits[0], props[keep], score[keep]
+    props, score = ca.proposals(sd, logits, deltas, size)
+    return logits[0], props, score
 
 
 def box_head(sd, res4, boxes):
