@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from .bert import apply_bert_config, bert_tokenizer, load_bert
 from .captions import default_cache
 from .checkpoint import check_resumable, load_checkpoint, resolve_resume, rng_state, save_run_checkpoint, set_rng_state
 from .config import Config, check, save_config
-from .data import Loader, PairDataset, Pairs, TaskSampler, TokenBucketSampler, collate
+from .data import Loader, PairDataset, Pairs, TaskSampler, TokenBucketSampler, batch_bytes, collate
 from .distributed import Dist, close_distributed, digests_agree, gather_tensors, init_distributed
 from .evaluate import evaluate_held_out
 from .loop import autocast_for, train
@@ -64,11 +65,56 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
     # CUDA those buffers are pinned where the main process maps them (Loader), not copied into pinned memory
     cuda = torch.cuda.is_available()
     dataset.ring_slots = 4 + 4
+    if workers > 0:
+        check_shared_memory(workers, largest_batch_bytes(dataset, d.token_budget), dataset.ring_slots, prefetch=4)
     loader = Loader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                     persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                     pin_memory=cuda and not workers, pin_buffers=cuda and workers > 0,
                     generator=torch.Generator().manual_seed(cfg.run.seed))
     return pairs, dataset, buckets, loader
+
+
+SHM = "/dev/shm"  # where torch's shared CPU memory lives on Linux (shm_open)
+
+
+def largest_batch_bytes(dataset: PairDataset, token_budget: int) -> int:
+    """An upper bound on one batch's bytes in a worker's shared buffer: every token of the budget (or of the
+    longest pair, alone in its batch) a region, with its feature, location and class distribution."""
+    meta, tokens = dataset.shards.meta, max(token_budget, int(dataset.pairs.lengths.max(initial=0)))
+    widths = {"features": (meta["feature_dim"], np.dtype(meta["feature_dtype"])),
+              "locations": (dataset.loc_dim, np.dtype(np.float32)),
+              "class_probs": (dataset.num_classes, np.dtype(np.float16))}
+    return batch_bytes(tokens, 1, 1, widths)
+
+
+def check_shared_memory(workers: int, per_batch: int, slots: int, prefetch: int, path: str = SHM) -> None:
+    """Refuse, before any worker starts, a loader whose workers cannot hold the batches they prefetch in
+    shared memory (a container's /dev/shm is 64 MB unless told otherwise; one batch of 2048-d features at the
+    default budget is ~60 MB): the workers would fail at their first batches with torch's 'unable to
+    allocate shared memory', or hours later as their buffers grow. Warn where it may run out later. Every
+    rank of a node (torchrun's LOCAL_WORLD_SIZE) shares the node's /dev/shm."""
+    try:
+        st = os.statvfs(path)
+    except OSError:  # no /dev/shm: not Linux, torch shares memory another way
+        return
+    free = st.f_bavail * st.f_frsize
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    soon, most = ranks * workers * prefetch * per_batch, ranks * workers * slots * per_batch * 3 // 2
+
+    def mb(n: int) -> str:
+        return f"{n / 2**20:,.0f} MB"
+
+    who = f"data.num_workers={workers}" + (f" on each of {ranks} ranks of this node" if ranks > 1 else "")
+    remedy = (f"give the machine's {path} more room (docker run --shm-size=16g or --ipc=host; Kubernetes: an "
+              f"emptyDir of medium Memory mounted on {path}), or lower data.num_workers or data.token_budget")
+    if free < soon:
+        raise ValueError(f"{who}: the loader's workers hold their batches in shared memory, {prefetch} batches "
+                         f"each of up to {mb(per_batch)} at once ({mb(soon)}), but {path} has {mb(free)} free: "
+                         f"{remedy}; data.num_workers=0 loads in the training process and needs none")
+    if free < most:
+        warnings.warn(f"{who}: the loader's workers may come to hold up to {mb(most)} of shared memory as their "
+                      f"buffers grow to the largest batches, and {path} has {mb(free)} free; if it runs out the "
+                      f"run stops: {remedy}", stacklevel=2)
 
 
 def captions_cache(cfg: Config) -> str:
