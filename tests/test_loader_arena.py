@@ -20,9 +20,12 @@ def test_arena_arrays_travel_as_places_in_the_buffer():
     mask[...] = [[True, False, True], [False, False, True]]
     elsewhere = np.arange(3)  # not in the buffer: goes by value
     packed = arena.pack({"x": x, "task": "mlm", "y": y, "mask": mask, "other": elsewhere})
-    layout = packed["_wire"][4]
-    assert layout == {"x": (0, torch.float16, (3, 5)), "y": (64, torch.int64, (4,)), "mask": (128, torch.bool, (2, 3))}
-    assert "x" not in packed and packed["other"] is elsewhere and packed["task"] == "mlm"
+    # each array in its place in the dict as (offset in elements of its dtype, dtype, shape), named in _wire
+    assert packed["_wire"][4] == ["x", "y", "mask"]
+    assert (packed["x"], packed["y"], packed["mask"]) == \
+        ((0, torch.float16, (3, 5)), (64 // 8, torch.int64, (4,)), (128, torch.bool, (2, 3)))
+    assert list(packed) == ["x", "task", "y", "mask", "other", "_wire"]
+    assert packed["other"] is elsewhere and packed["task"] == "mlm"
 
     batch = Receiver()(packed)
     assert list(batch) == ["x", "task", "y", "mask", "other"]  # collate's order
@@ -38,5 +41,5 @@ def test_a_copy_or_view_of_an_arena_array_is_not_taken_for_it():
     x = arena.array((4, 4), np.float32)
     x[...] = 1
     packed = arena.pack({"copy": x.copy(), "part": x[:, :2], "x": x})
-    assert set(packed["_wire"][4]) == {"x"}  # a non-contiguous view or a copy goes by value
+    assert packed["_wire"][4] == ["x"]  # a non-contiguous view or a copy goes by value
     assert packed["copy"].sum() == 16 and packed["part"].shape == (4, 2)

@@ -41,8 +41,9 @@ def test_passes_over_a_persistent_loader_reuse_the_ring(data, workers):
         received.append(loader.receiver.received)
     slots = 8  # build_data: prefetch_factor + 4 per worker
     assert received[0] <= workers * slots
-    # before: from the third pass on every batch was a fresh buffer (25 more per pass); now a few at most
-    assert received[-1] - received[0] <= workers * 2, received
+    # before: from the third pass on every batch was a fresh buffer (25 more per pass); now the ring's slots,
+    # each made once and grown at most a few times, whichever pass first needs it (that depends on timing)
+    assert received[-1] <= workers * (slots + 2), received
     assert len(loader.receiver.held) <= 2  # (the last batches: freed when the next arrives)
 
 

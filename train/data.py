@@ -21,14 +21,26 @@ number of workers.
 
 from __future__ import annotations
 
+import array
 import collections.abc
 import ctypes
 import itertools
 import math
+import multiprocessing
+import multiprocessing.queues
 import operator
 import os
+import queue
+import select
 import sys
 import time
+from multiprocessing.reduction import ForkingPickler
+
+try:  # (Linux and the other Unixes; elsewhere DirectQueue puts through the feeder thread, as multiprocessing)
+    import fcntl
+    import termios
+except ImportError:
+    fcntl = termios = None
 
 import numpy as np
 import torch
@@ -526,18 +538,21 @@ class Arena:
         return out
 
     def pack(self, batch: dict) -> dict:
-        """The batch as it goes to the main process: each of its arrays made by `array` as (byte offset,
-        dtype, shape) in the buffer, the buffer sent along only the first time (the main process keeps it
-        mapped); anything else (a copy or view of such an array included) goes by value."""
-        layout, out, placed = {}, {}, self.placed
+        """The batch as it goes to the main process: each of its arrays made by `array` replaced, in its
+        place in the dict, by (offset in elements of its dtype, torch dtype, shape) in the buffer, and named
+        in `_wire` (the buffer sent along only the first time: the main process keeps it mapped); anything
+        else (a copy or view of such an array included) goes by value. Receiver turns the places back into
+        tensors where they are, so the dict keeps collate's order with no list of its keys sent."""
+        out, placed, names = {}, self.placed, []
         for k, v in batch.items():
             p = placed.get(id(v))
-            if p is not None and p[0] is v:  # an array of `array`, as made
-                layout[k] = (p[1], TORCH_DTYPES[v.dtype], v.shape)
+            if p is not None and p[0] is v:  # an array of `array`, as made (64-byte aligned: offsets divide)
+                out[k] = (p[1] // v.itemsize, TORCH_DTYPES[v.dtype], v.shape)
+                names.append(k)
             else:
                 out[k] = v
         out["_wire"] = (os.getpid(), self.slot, self.storage if self.send else None,
-                        self.ring.busy if not self.ring.busy_sent else None, layout, list(batch))
+                        self.ring.busy if not self.ring.busy_sent else None, names)
         self.ring.busy_sent = True
         return out
 
@@ -625,7 +640,7 @@ class Receiver:
     def __call__(self, batch):
         if not isinstance(batch, dict) or "_wire" not in batch:
             return batch
-        pid, slot, storage, busy, layout, order = batch.pop("_wire")
+        pid, slot, storage, busy, names = batch.pop("_wire")
         if busy is not None:
             self._flags[pid], self.busy[pid] = busy, busy.numpy()
         if storage is not None:
@@ -638,11 +653,12 @@ class Receiver:
         else:
             storage = self.buffers[pid, slot]
         self.release()  # before this batch's tensors exist: its own slot is not freed
-        for k, (offset, dtype, shape) in layout.items():
-            batch[k] = torch.empty(0, dtype=dtype).set_(storage, offset // _itemsize(dtype), shape)
+        for k in names:  # each in its place in the dict: collate's order
+            offset, dtype, shape = batch[k]
+            batch[k] = torch.empty(0, dtype=dtype).set_(storage, offset, shape)
         if slot >= 0:
             self.held.append((pid, slot))
-        return {k: batch[k] for k in order}  # in the order collate gave
+        return batch
 
     def release(self) -> None:
         """Mark free every held slot none of whose tensors is alive any more."""
@@ -691,15 +707,117 @@ class Receiver:
 _KEEP: list = []  # pinned buffers still in use when their loader went away
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize
+_PAGE = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096  # a pipe's buffers are pages
+
+
+class DirectQueue(multiprocessing.queues.Queue):
+    """A multiprocessing queue whose put pickles and writes in the calling thread while the pipe has room
+    for the message, instead of handing it to a feeder thread (issue 23): the loader's queues (batch keys
+    to each worker, batches back). Each put through a feeder thread cost the sending process ~70-100 us of
+    CPU a batch here (waking the thread, handing the GIL over and back, a second context switch) for a
+    message of ~1-3 KB that one write puts in the pipe; the main process paid it for every batch's keys,
+    each worker for every batch. Where a message might not fit in the pipe as it is now (a reader ~20 KB
+    behind, a message over a page: see _fits), the put goes to the feeder thread as multiprocessing's
+    does, and so does every later put of that process on this queue: a writer's messages stay in the
+    order it put them, and a put never blocks on a full pipe. get polls the pipe with one poll object
+    kept for the queue, not a selector made for each call (~20 Python calls)."""
+
+    def _reset(self, after_fork=False):
+        super()._reset(after_fork)
+        self._direct = True  # this process writes its messages itself (until one does not fit)
+        self._room = None  # (pid, pipe capacity in bytes), once known
+        self._poller = None  # (pid, select.poll on the reader), once made
+        self._poll = self._fast_poll
+
+    def put(self, obj, block=True, timeout=None):
+        if not self._direct or self._closed:
+            return super().put(obj, block, timeout)
+        data = ForkingPickler.dumps(obj)
+        if not self._sem.acquire(block, timeout):
+            raise queue.Full
+        lock = self._wlock
+        if lock is not None:
+            lock.acquire()
+        try:
+            if self._fits(len(data)):
+                self._writer.send_bytes(data)
+                return None
+            self._direct = False
+        finally:
+            if lock is not None:
+                lock.release()
+        self._sem.release()  # (taken again by the feeder's put)
+        return super().put(obj, block, timeout)
+
+    def _fits(self, nbytes: int) -> bool:
+        """Whether a message of nbytes goes into the pipe now without blocking the caller. Called with the
+        write lock held: other writers wait, and the reader only makes more room meanwhile. A pipe holds
+        `slots` pages (16), not bytes: a write that does not fit in the last page's room starts a new one,
+        so pages may be part empty, but any two pages in a row hold more than a page between them. Hence
+        with at most `unread` bytes unread the pipe uses at most 2 * ceil(unread / page) + 3 pages (the
+        first one part read), and a message of at most a page takes at most 2 more (one write of its
+        length and bytes: Connection.send_bytes)."""
+        if fcntl is None:
+            return False
+        fd = self._writer.fileno()
+        room = self._room
+        if room is None or room[0] != os.getpid():
+            try:
+                slots = fcntl.fcntl(fd, 1032) // _PAGE  # F_GETPIPE_SZ (Linux): the pipe's bytes
+            except OSError:
+                slots = 0  # not a pipe, or not Linux: always the feeder thread
+            room = self._room = (os.getpid(), slots)
+        if nbytes + 4 > _PAGE:
+            return False
+        unread = array.array("i", [0])
+        try:
+            fcntl.ioctl(fd, termios.FIONREAD, unread, True)
+        except OSError:
+            return False
+        return 2 * -(-unread[0] // _PAGE) + 3 + 2 <= room[1]
+
+    def _fast_poll(self, timeout=0.0):
+        poller = self._poller
+        if poller is None or poller[0] != os.getpid():
+            p = select.poll()
+            p.register(self._reader.fileno(), select.POLLIN)
+            poller = self._poller = (os.getpid(), p)
+        if timeout is None:
+            ms = None
+        else:  # (poll's milliseconds rounded up, as selectors does; never negative: that would block)
+            ms = max(0, math.ceil(timeout * 1000))
+        return bool(poller[1].poll(ms))
+
+
+class _QueueContext:
+    """Mixin for a multiprocessing context whose Queue is a DirectQueue."""
+
+    def Queue(self, maxsize=0):
+        return DirectQueue(maxsize, ctx=self.get_context())
+
+
+_CONTEXTS: dict = {}
+
+
+def direct_context(method: str | None = None) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context of `method` (the default one if None), its queues DirectQueue."""
+    base = multiprocessing.get_context(method)
+    if isinstance(base, multiprocessing.context.DefaultContext):
+        base = base.get_context()  # the concrete context it stands for (fork, spawn or forkserver)
+    cls = _CONTEXTS.get(type(base))
+    if cls is None:
+        cls = _CONTEXTS[type(base)] = type("Direct" + type(base).__name__, (_QueueContext, type(base)), {})
+    return cls()
 
 
 class Loader(torch.utils.data.DataLoader):
     """The DataLoader of the trainer: with workers, each batch arrives in a worker's reused shared buffer
-    (WorkerRing) and is put back together here (Receiver); pinned on CUDA with no copy."""
+    (WorkerRing) and is put back together here (Receiver); pinned on CUDA with no copy. Its queues (keys
+    out, batches back) are DirectQueues, unless a multiprocessing_context is given."""
 
     def __init__(self, *args, pin_buffers: bool = False, **kwargs):
+        if kwargs.get("num_workers", 0) > 0 and kwargs.get("multiprocessing_context") is None:
+            kwargs["multiprocessing_context"] = direct_context()  # its queues without feeder threads (DirectQueue)
         super().__init__(*args, **kwargs)
         self.receiver = Receiver(pin_buffers)
 
