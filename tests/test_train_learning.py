@@ -30,8 +30,9 @@ from regionbert.train.run import build_data, build_model, run
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.toml")
 # held-out thresholds. Chance: ITM 0.5, R@1 0.01 (100 images), class 1/16. Measured with this config as shipped
-# (lr 2e-3, no dropout, UNITER's in-domain mix; bench/README.md "Robustness"): seed 0 ITM 0.976, t2i / i2t R@1
-# 0.73 / 0.73, class 0.36; seed 1 0.955, 0.60 / 0.63, 0.39. With the config's earlier settings (lr 1e-3, dropout
+# (lr 2e-3, no dropout, UNITER's in-domain mix; bench/README.md "Robustness", seeds 0-4 x 1 and 2 threads, 10
+# runs): ITM 0.954-0.986, t2i R@1 0.46-0.74, i2t 0.51-0.74, class 0.34-0.39; this run's (seed 0, one thread)
+# 0.976, 0.73 / 0.73, 0.36. With the config's earlier settings (lr 1e-3, dropout
 # 0.1, the all-data mix) and Adam's moments per task: 0.98 / 0.96, R@1 0.63-0.68; with shared moments too (the
 # centred ITM gradient alone) seed 0 0.909, 0.265 / 0.22, class 0.27; seed 1 0.936, 0.37 / 0.34, 0.32. The
 # floors stay below the worst of every recipe with room: a CPU whose rounding starts ITM's climb later still
