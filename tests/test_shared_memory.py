@@ -4,6 +4,7 @@ hold the batches its workers prefetch is refused before any worker starts, with 
 it needs, how much there is, and what to change; before, a worker died with torch's traceback ("unable to
 allocate shared memory(shm) ... No space left on device")."""
 
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -103,3 +104,23 @@ def test_pretrain_in_a_container_sized_shm_stops_with_one_line_before_training(w
     r = pretrain(0)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(tmp_path / "run0" / "checkpoint.pt")
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patch reaches the worker by fork")
+def test_a_worker_out_of_shared_memory_mid_run_is_one_clear_error(wide, monkeypatch):
+    """A worker whose next buffer cannot be had (another job filled /dev/shm, or the buffers grew past it):
+    torch's own error from its own allocator (a 32 TB request here, which no /dev/shm has), raised in a real
+    worker, reaches the trainer as one ValueError saying what happened and what to change, not torch's
+    wrapped worker traceback."""
+    import regionbert.train.data as data_mod
+    from regionbert.train.data import DeviceFeed
+
+    cfg = load_config(None, [f"data.{k}={v}" for k, v in wide.items()] + [
+        "data.split=null", "data.eval_split=null", "data.token_budget=2048", "data.num_workers=1"])
+    _, _, _, loader = build_data(cfg, None)  # (the start-up check passes: it sizes the real batches)
+    monkeypatch.setattr(data_mod, "batch_bytes", lambda *a: 2**45)  # the worker's first buffer: 32 TB
+    with pytest.raises(ValueError) as e:
+        DeviceFeed(loader, "cpu").next()
+    msg = str(e.value)
+    assert msg.startswith("a loader worker could not get shared memory for its next batch: /dev/shm is full ("), msg
+    assert "--shm-size" in msg and "--resume latest" in msg and "Traceback" not in msg and "\n" not in msg, msg

@@ -929,7 +929,27 @@ def _from_worker(e: Exception) -> Exception:
         _, _, message = text[text.rindex(mark):].partition(": ")
         if message:
             return ShardError(message.rstrip("\n"))
+    if text.startswith("Caught ") and "</torch_" in text and "No space left on device" in text:
+        return ValueError(f"a loader worker could not get shared memory for its next batch: {SHM} is full "
+                          f"({_shm_free()}); another job may be filling it, or the workers' buffers grew to the "
+                          f"largest batches: {shared_memory_remedy()}, then resume (--resume latest)")
     return e
+
+
+SHM = "/dev/shm"  # where torch's shared CPU memory lives on Linux (shm_open)
+
+
+def shared_memory_remedy(path: str = SHM) -> str:
+    return (f"give the machine's {path} more room (docker run --shm-size=16g or --ipc=host; Kubernetes: an "
+            f"emptyDir of medium Memory mounted on {path}), or lower data.num_workers or data.token_budget")
+
+
+def _shm_free(path: str = SHM) -> str:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return "its size unknown"
+    return f"{st.f_bavail * st.f_frsize / 2**20:,.0f} MB free of {st.f_blocks * st.f_frsize / 2**20:,.0f} MB now"
 
 
 class TokenBucketSampler:

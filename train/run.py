@@ -16,7 +16,17 @@ from .bert import apply_bert_config, bert_tokenizer, load_bert
 from .captions import default_cache
 from .checkpoint import check_resumable, load_checkpoint, resolve_resume, rng_state, save_run_checkpoint, set_rng_state
 from .config import Config, check, save_config
-from .data import Loader, PairDataset, Pairs, TaskSampler, TokenBucketSampler, batch_bytes, collate
+from .data import (
+    SHM,
+    Loader,
+    PairDataset,
+    Pairs,
+    TaskSampler,
+    TokenBucketSampler,
+    batch_bytes,
+    collate,
+    shared_memory_remedy,
+)
 from .distributed import Dist, close_distributed, digests_agree, gather_tensors, init_distributed
 from .evaluate import evaluate_held_out
 from .loop import autocast_for, train
@@ -74,9 +84,6 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
     return pairs, dataset, buckets, loader
 
 
-SHM = "/dev/shm"  # where torch's shared CPU memory lives on Linux (shm_open)
-
-
 def largest_batch_bytes(dataset: PairDataset, token_budget: int) -> int:
     """An upper bound on one batch's bytes in a worker's shared buffer: every token of the budget (or of the
     longest pair, alone in its batch) a region, with its feature, location and class distribution."""
@@ -90,9 +97,10 @@ def largest_batch_bytes(dataset: PairDataset, token_budget: int) -> int:
 def check_shared_memory(workers: int, per_batch: int, slots: int, prefetch: int, path: str = SHM) -> None:
     """Refuse, before any worker starts, a loader whose workers cannot hold the batches they prefetch in
     shared memory (a container's /dev/shm is 64 MB unless told otherwise; one batch of 2048-d features at the
-    default budget is ~60 MB): the workers would fail at their first batches with torch's 'unable to
-    allocate shared memory', or hours later as their buffers grow. Warn where it may run out later. Every
-    rank of a node (torchrun's LOCAL_WORLD_SIZE) shares the node's /dev/shm."""
+    default budget is ~34 MB, ~60 MB with VG's 1,601 classes): the workers would fail at their first batches
+    with torch's 'unable to allocate shared memory', or hours later as their buffers grow (_from_worker then
+    says so in one line). Warn where it may run out later. Every rank of a node (torchrun's LOCAL_WORLD_SIZE)
+    shares the node's /dev/shm."""
     try:
         st = os.statvfs(path)
     except OSError:  # no /dev/shm: not Linux, torch shares memory another way
@@ -105,8 +113,7 @@ def check_shared_memory(workers: int, per_batch: int, slots: int, prefetch: int,
         return f"{n / 2**20:,.0f} MB"
 
     who = f"data.num_workers={workers}" + (f" on each of {ranks} ranks of this node" if ranks > 1 else "")
-    remedy = (f"give the machine's {path} more room (docker run --shm-size=16g or --ipc=host; Kubernetes: an "
-              f"emptyDir of medium Memory mounted on {path}), or lower data.num_workers or data.token_budget")
+    remedy = shared_memory_remedy(path)
     if free < soon:
         raise ValueError(f"{who}: the loader's workers hold their batches in shared memory, {prefetch} batches "
                          f"each of up to {mb(per_batch)} at once ({mb(soon)}), but {path} has {mb(free)} free: "
