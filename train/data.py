@@ -152,6 +152,10 @@ class PairDataset(torch.utils.data.Dataset):
             self.num_classes = 0
         else:
             self.num_classes = len(shards.meta["class_names"])
+        meta = shards.meta  # each region field's (width, dtype) in a batch
+        self.widths = {"features": (meta["feature_dim"], np.dtype(meta["feature_dtype"])),
+                       "locations": (loc_dim, np.dtype(np.float32)),
+                       "class_probs": (self.num_classes, np.dtype(np.float16))}
         self._modes = {}  # task -> (mask text?, mask regions?)
         self._generators = Generators()  # per-sample generators, as np.random.default_rng(seed) makes them
         # images whose record passed the record rules: a shard is immutable, so each is checked once (a byte
@@ -207,10 +211,7 @@ class PairDataset(torch.utils.data.Dataset):
             img = np.where(shown < 0, pairs.image[ps], shown)
         images, text_lens = img.tolist(), self._text_lens[ps]
         N, L = int(pairs.num_boxes[img].max(initial=0)), int(text_lens.max(initial=0))  # num_boxes: capped
-        meta = shards.meta
-        widths = {"features": (meta["feature_dim"], np.dtype(meta["feature_dtype"])),
-                  "locations": (self.loc_dim, np.dtype(np.float32)),
-                  "class_probs": (self.num_classes, np.dtype(np.float16))}
+        widths = self.widths
         if torch.utils.data.get_worker_info() is None:
             buffers = {k: _BUFFERS.take(k, (B, N, w), dt) for k, (w, dt) in widths.items()}  # tensors
             feats, locs, probs_buf = (buffers[k].numpy() for k in widths)

@@ -74,11 +74,12 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
     # as batches can be in flight (prefetch_factor) and held by the trainer (DeviceFeed: 2) plus slack; on
     # CUDA those buffers are pinned where the main process maps them (Loader), not copied into pinned memory
     cuda = torch.cuda.is_available()
-    dataset.ring_slots = 4 + 4
+    prefetch = 4  # batches each worker keeps ready
+    dataset.ring_slots = prefetch + 4
     if workers > 0:
-        check_shared_memory(workers, largest_batch_bytes(dataset, d.token_budget), dataset.ring_slots, prefetch=4)
+        check_shared_memory(workers, largest_batch_bytes(dataset, d.token_budget), dataset.ring_slots, prefetch)
     loader = Loader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                    persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                    persistent_workers=workers > 0, prefetch_factor=prefetch if workers else None,
                     pin_memory=cuda and not workers, pin_buffers=cuda and workers > 0,
                     generator=torch.Generator().manual_seed(cfg.run.seed))
     return pairs, dataset, buckets, loader
@@ -87,11 +88,8 @@ def build_data(cfg: Config, split: str | None, skip: int = 0, num_workers: int |
 def largest_batch_bytes(dataset: PairDataset, token_budget: int) -> int:
     """An upper bound on one batch's bytes in a worker's shared buffer: every token of the budget (or of the
     longest pair, alone in its batch) a region, with its feature, location and class distribution."""
-    meta, tokens = dataset.shards.meta, max(token_budget, int(dataset.pairs.lengths.max(initial=0)))
-    widths = {"features": (meta["feature_dim"], np.dtype(meta["feature_dtype"])),
-              "locations": (dataset.loc_dim, np.dtype(np.float32)),
-              "class_probs": (dataset.num_classes, np.dtype(np.float16))}
-    return batch_bytes(tokens, 1, 1, widths)
+    tokens = max(token_budget, int(dataset.pairs.lengths.max(initial=0)))
+    return batch_bytes(tokens, 1, 1, dataset.widths)
 
 
 def check_shared_memory(workers: int, per_batch: int, slots: int, prefetch: int, path: str = SHM) -> None:
